@@ -1,0 +1,272 @@
+"""One typed config per job, loaded from YAML and validated on load.
+
+An unknown key or a bad value is a one-line ``ConfigError`` naming the key (``train.lr``) and what is allowed.
+The user states intent (prompts per iteration, group size, per-device batch, optimizer updates per iteration);
+derived numbers (batches per iteration, accumulation) are computed in ``Derived``, never asked twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LoraCfg:
+    enabled: bool = True
+    rank: int = 32
+    alpha: float = 64.0
+    init: Literal["gaussian", "default"] = "gaussian"
+
+
+@dataclass
+class ModelCfg:
+    path: str = "shapeworld"           # a diffusers dir, a hub id, or "shapeworld" (the shipped tiny model)
+    family: Union[str, None] = None    # read from model_index.json when None
+    resolution: Union[int, None] = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    lora: LoraCfg = field(default_factory=LoraCfg)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SampleCfg:
+    num_steps: int = 10
+    guidance: float = 2.0
+    noise_level: float = 0.7
+    kernel: Literal["sde", "cps"] = "sde"
+    sde_steps: Union[str, list] = "all_but_last"  # 'all', 'all_but_last', 'first:K' or a list of step indices
+    prompts_per_iter: int = 16                     # distinct prompts per iteration (all processes together)
+    group_size: int = 8                            # images per prompt
+    batch_size: int = 64                           # rollout chunk per process
+
+
+@dataclass
+class TrainCfg:
+    algorithm: Literal["grpo"] = "grpo"
+    iterations: int = 100
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
+    clip_range: float = 1e-4
+    adv_clip: float = 5.0
+    global_std: bool = False
+    beta: float = 0.0                  # weight of the exact per-step Gaussian KL to the reference
+    inner_epochs: int = 1
+    batch_size: int = 64               # training minibatch per process
+    updates_per_iter: int = 1          # optimizer steps per iteration and inner epoch
+    max_grad_norm: float = 1.0
+    train_steps: str = "sde"           # which stochastic steps are trained: 'sde' (all of them) or 'first:K'
+    timestep_fraction: float = 1.0     # random fraction of those, redrawn every iteration (flow_grpo)
+    step_weighting: Literal["uniform", "std"] = "uniform"  # 'std': loss of step i x std_i / mean std
+    ema_decay: float = 0.0             # 0 = no EMA
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    max_nan_streak: int = 3
+
+
+@dataclass
+class DataCfg:
+    train: str = "shapeworld:train"     # GenEval metadata .jsonl, or shapeworld:<train|test|test_unseen>
+    eval: str = "shapeworld:test"
+    eval_unseen: Union[str, None] = "shapeworld:test_unseen"
+
+
+@dataclass
+class EvalCfg:
+    num_steps: int = 20
+    guidance: float = 2.0
+    every: int = 0                      # iterations between evaluations (0: only before and after)
+    n_per_task: int = 100
+    seed: int = 1000
+    batch_size: int = 200
+
+
+@dataclass
+class RunCfg:
+    output_dir: str = "runs/shapeworld_flow_grpo"
+    seed: int = 0
+    checkpoint_every: int = 50
+    resume: bool = True                 # continue from output_dir/checkpoints/latest when it exists
+    sample_grid_every: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    sample: SampleCfg = field(default_factory=SampleCfg)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    rewards: dict = field(default_factory=lambda: {"shapeworld": 1.0})
+    data: DataCfg = field(default_factory=DataCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    run: RunCfg = field(default_factory=RunCfg)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Hash of what changes the training (not where it is written or how often it is evaluated)."""
+        d = self.to_dict()
+        for k in ("run", "eval"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _check_value(value, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, typing.get_args(tp)))}")
+        return value
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_value(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp in (list, dict):
+        if not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected a {'list' if tp is list else 'mapping'}, got {value!r}")
+        return value
+    return value
+
+
+def _from_dict(cls, d, prefix: str = ""):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kw = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"unknown key '{key}'; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
+        kw[k] = _check_value(v, hints[k], key)
+    return cls(**kw)
+
+
+def _positive(key: str, v, allow_zero: bool = False):
+    if v < 0 or (v == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+
+def validate(cfg: Config) -> Config:
+    s, t = cfg.sample, cfg.train
+    for key, v in [("sample.num_steps", s.num_steps), ("sample.prompts_per_iter", s.prompts_per_iter),
+                   ("sample.group_size", s.group_size), ("sample.batch_size", s.batch_size),
+                   ("train.iterations", t.iterations), ("train.lr", t.lr), ("train.batch_size", t.batch_size),
+                   ("train.inner_epochs", t.inner_epochs), ("train.updates_per_iter", t.updates_per_iter),
+                   ("train.clip_range", t.clip_range), ("eval.num_steps", cfg.eval.num_steps),
+                   ("eval.n_per_task", cfg.eval.n_per_task), ("model.lora.rank", cfg.model.lora.rank)]:
+        _positive(key, v)
+    for key, v in [("sample.noise_level", s.noise_level), ("train.beta", t.beta), ("train.max_grad_norm", t.max_grad_norm),
+                   ("train.weight_decay", t.weight_decay), ("eval.every", cfg.eval.every),
+                   ("run.checkpoint_every", cfg.run.checkpoint_every)]:
+        _positive(key, v, allow_zero=True)
+    if s.group_size < 2:
+        raise ConfigError(f"sample.group_size: GRPO needs at least 2 images per prompt, got {s.group_size}")
+    if not 0 < t.timestep_fraction <= 1:
+        raise ConfigError(f"train.timestep_fraction: must be in (0, 1], got {t.timestep_fraction}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"train.adam_betas: expected two numbers, got {t.adam_betas!r}")
+    if t.train_steps != "sde" and not (t.train_steps.startswith("first:") and t.train_steps[6:].isdigit()):
+        raise ConfigError(f"train.train_steps: use 'sde' or 'first:K', got {t.train_steps!r}")
+    from flowalign.rollout import sde_mask
+
+    try:
+        sde_mask(s.num_steps, s.sde_steps)
+    except ValueError as e:
+        raise ConfigError(f"sample.sde_steps: {e}") from None
+    if not isinstance(cfg.rewards, dict) or not cfg.rewards:
+        raise ConfigError("rewards: give at least one reward, e.g. {shapeworld: 1.0}")
+    return cfg
+
+
+def load_config(path_or_dict, overrides: list[str] | None = None) -> Config:
+    """Load and validate a YAML config (or a dict); overrides are 'section.key=value' strings (YAML values)."""
+    if isinstance(path_or_dict, dict):
+        d = path_or_dict
+    else:
+        p = Path(path_or_dict)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            d = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    d = json.loads(json.dumps(d))  # deep copy
+    for o in overrides or []:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r}: expected section.key=value")
+        k, v = o.split("=", 1)
+        cur = d
+        parts = k.split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = yaml.safe_load(v)
+    return validate(_from_dict(Config, d))
+
+
+@dataclass
+class Derived:
+    """Numbers computed from the config and the number of processes."""
+    world: int
+    samples_per_iter: int        # all processes
+    samples_per_process: int
+    rollout_chunks: int          # per process
+    minibatches: int             # per process, per inner epoch
+    accumulation: int            # minibatches per optimizer step
+
+    @classmethod
+    def of(cls, cfg: Config, world: int) -> "Derived":
+        s, t = cfg.sample, cfg.train
+        total = s.prompts_per_iter * s.group_size
+        if total % world:
+            raise ConfigError(f"sample.prompts_per_iter x sample.group_size = {total} samples must split evenly over "
+                              f"{world} processes")
+        per = total // world
+        mb = -(-per // t.batch_size)
+        if mb % t.updates_per_iter:
+            raise ConfigError(f"train.updates_per_iter={t.updates_per_iter} must divide the {mb} training minibatches "
+                              f"per process (samples per process {per} / train.batch_size {t.batch_size})")
+        return cls(world=world, samples_per_iter=total, samples_per_process=per,
+                   rollout_chunks=-(-per // s.batch_size), minibatches=mb, accumulation=mb // t.updates_per_iter)

@@ -1,0 +1,118 @@
+"""The rollout engine and its currency, the Trajectory.
+
+``rollout`` runs an adapter from x_T to x_0, stochastic (flow SDE) on the chosen steps and deterministic (ODE)
+elsewhere, and stores every latent and per-step log-prob. ``replay_step`` scores one stored transition under the
+current weights through the very same ``adapter.step`` call, which is why the on-policy ratio is exactly 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from flowalign.pipelines.base import Cond
+
+
+@dataclass
+class Trajectory:
+    prompts: list[str]
+    cond: Cond
+    latents: torch.Tensor     # (B, T+1, C, H, W): x_T ... x_0
+    log_probs: torch.Tensor   # (B, T): log p of each stored transition (0 on ODE steps)
+    sde_mask: torch.Tensor    # (T,) bool: which steps were stochastic
+    sigmas: torch.Tensor      # (T+1,)
+    guidance: float
+    noise_level: float
+    metadata: list | None = None
+    images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    def index(self, idx) -> "Trajectory":
+        idx = torch.as_tensor(idx).long().view(-1)
+        keep = idx.tolist()
+        vals = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("prompts", "metadata"):
+                vals[f.name] = None if v is None else [v[j] for j in keep]
+            elif f.name == "cond":
+                vals[f.name] = v.index(idx)
+            elif f.name in ("latents", "log_probs", "images"):
+                vals[f.name] = None if v is None else v[idx]
+            else:
+                vals[f.name] = v
+        return Trajectory(**vals)
+
+    @staticmethod
+    def cat(trajs: list["Trajectory"]) -> "Trajectory":
+        t0 = trajs[0]
+        return Trajectory(
+            prompts=[p for t in trajs for p in t.prompts], cond=Cond.cat([t.cond for t in trajs]),
+            latents=torch.cat([t.latents for t in trajs]), log_probs=torch.cat([t.log_probs for t in trajs]),
+            sde_mask=t0.sde_mask, sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level,
+            metadata=None if t0.metadata is None else [m for t in trajs for m in t.metadata],
+            images=None if t0.images is None else torch.cat([t.images for t in trajs]))
+
+
+def sde_mask(num_steps: int, spec: str | list[int] = "all_but_last") -> torch.Tensor:
+    """Which steps are stochastic. spec: 'all', 'all_but_last' (flow_grpo), 'first:K', or a list of indices."""
+    m = torch.zeros(num_steps, dtype=torch.bool)
+    if isinstance(spec, (list, tuple)):
+        for i in spec:
+            if not 0 <= int(i) < num_steps:
+                raise ValueError(f"sde step {i} out of range for {num_steps} steps")
+            m[int(i)] = True
+    elif spec == "all":
+        m[:] = True
+    elif spec == "all_but_last":
+        m[:-1] = True
+    elif isinstance(spec, str) and spec.startswith("first:"):
+        m[: int(spec.split(":")[1])] = True
+    else:
+        raise ValueError(f"bad sde step spec {spec!r}: use 'all', 'all_but_last', 'first:K' or a list of indices")
+    return m
+
+
+@torch.no_grad()
+def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_level: float,
+            mask: torch.Tensor, x: torch.Tensor | None = None, generator: torch.Generator | None = None,
+            prompts: list[str] | None = None, metadata=None, decode: bool = True, kernel: str = "sde") -> Trajectory:
+    B = len(cond)
+    if x is None:
+        x = adapter.init_noise(B, generator)
+    xs, lps = [x], []
+    for i in range(sigmas.numel() - 1):
+        if mask[i]:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            out = adapter.step(x, sigmas, i, cond, guidance, noise_level, noise=noise, kernel=kernel)
+            lps.append(out.log_prob.float())
+        else:
+            out = adapter.step(x, sigmas, i, cond, guidance, 0.0)
+            lps.append(torch.zeros(B, device=x.device))
+        x = out.next
+        xs.append(x)
+    images = adapter.decode(x) if decode else None
+    return Trajectory(prompts=list(prompts) if prompts is not None else [""] * B, cond=cond,
+                      latents=torch.stack(xs, 1), log_probs=torch.stack(lps, 1), sde_mask=mask.clone(),
+                      sigmas=sigmas, guidance=guidance, noise_level=noise_level, metadata=metadata, images=images)
+
+
+def replay_step(adapter, traj: Trajectory, i: int, kernel: str = "sde"):
+    """Score transition i of the stored trajectories under the adapter's current weights (with gradients)."""
+    return adapter.step(traj.latents[:, i], traj.sigmas, i, traj.cond, traj.guidance, traj.noise_level,
+                        next_x=traj.latents[:, i + 1], kernel=kernel)
+
+
+@torch.no_grad()
+def sample_ode(adapter, cond: Cond, num_steps: int, guidance: float, x: torch.Tensor) -> torch.Tensor:
+    """Deterministic sampling (evaluation): returns images in [0, 1]."""
+    sigmas = adapter.schedule(num_steps)
+    for i in range(num_steps):
+        x = adapter.step(x, sigmas, i, cond, guidance, 0.0).next
+    return adapter.decode(x)

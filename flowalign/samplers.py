@@ -1,0 +1,129 @@
+"""Samplers as pure tensor math: no models, no schedulers, no state.
+
+Conventions (rectified flow, as in SD3/FLUX): x_sigma = (1 - sigma) * x0 + sigma * noise, the model predicts the
+velocity v = noise - x0, and sampling runs sigma from 1 (noise) down to 0 (data), so dt = sigma_next - sigma < 0.
+Every function takes per-sample sigmas broadcastable to x (a float or a (B,) tensor).
+
+- ``ode_step``: Euler step of the probability-flow ODE, x' = x + v dt.
+- ``flow_sde_step``: Flow-GRPO's reverse-time SDE with the same marginals as the ODE,
+      dx = [v + s_t^2 / (2 sigma) * (x + (1 - sigma) v)] dt + s_t dW,   s_t = a * sqrt(sigma / (1 - sigma)),
+  discretised by Euler-Maruyama: mean = x + [v + s_t^2/(2 sigma) (x + (1 - sigma) v)] dt, std = s_t sqrt(-dt).
+  At sigma = 1 the (1 - sigma) in s_t is replaced by (1 - sigma_cap) (flow_grpo uses sigma_cap = sigmas[1]).
+- ``cps_step``: coefficients-preserving sampling (std = sigma_next * sin(a pi / 2)).
+- ``ddim_step``: DDIM with eta for epsilon-prediction models (SD1.5/SDXL), with its Gaussian std.
+- ``gaussian_log_prob``: log N(x'; mean, std^2), averaged (default, flow_grpo) or summed over non-batch dims.
+- ``gaussian_kl``: the exact KL between two Gaussian steps with the same std, KL = |mu_p - mu_q|^2 / (2 std^2),
+  reduced like the log-prob. flow_grpo's "KL" divides by s_t^2 without the |dt| factor, i.e. it equals ours times
+  |dt|; beta values do not carry over between the two.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    next: torch.Tensor            # x at the next (lower) sigma
+    mean: torch.Tensor            # mean of the transition
+    std: torch.Tensor             # std of the transition (0 for an ODE step), broadcastable to x
+    log_prob: torch.Tensor | None  # (B,) log-density of ``next`` under N(mean, std^2); None for an ODE step
+
+
+def _bc(s, x: torch.Tensor) -> torch.Tensor:
+    """A float or (B,) tensor of per-sample scalars -> a tensor broadcastable to x, in x's dtype/device."""
+    s = torch.as_tensor(s, dtype=x.dtype, device=x.device)
+    return s.view(-1, *([1] * (x.ndim - 1))) if s.ndim else s
+
+
+def _reduce(t: torch.Tensor, reduce: str) -> torch.Tensor:
+    dims = tuple(range(1, t.ndim))
+    if reduce == "mean":
+        return t.mean(dim=dims)
+    if reduce == "sum":
+        return t.sum(dim=dims)
+    raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    std = torch.broadcast_to(std, x.shape)
+    lp = -((x - mean) ** 2) / (2 * std ** 2) - torch.log(std) - LOG_SQRT_2PI
+    return _reduce(lp, reduce)
+
+
+def gaussian_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """KL(N(mean_p, std^2) || N(mean_q, std^2)) per sample."""
+    std = torch.broadcast_to(std, mean_p.shape)
+    return _reduce((mean_p - mean_q) ** 2 / (2 * std ** 2), reduce)
+
+
+def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> StepOutput:
+    dt = _bc(sigma_next, x) - _bc(sigma, x)
+    nxt = x + v * dt
+    return StepOutput(next=nxt, mean=nxt, std=torch.zeros_like(dt), log_prob=None)
+
+
+def flow_sde_std(sigma, noise_level: float, sigma_cap: float | None = None) -> torch.Tensor:
+    """s_t = a * sqrt(sigma / (1 - sigma)), with 1 - sigma replaced by 1 - sigma_cap where sigma >= 1."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    denom = 1 - sigma
+    if sigma_cap is not None:
+        denom = torch.where(sigma >= 1, torch.as_tensor(1 - sigma_cap, dtype=sigma.dtype), denom)
+    return noise_level * torch.sqrt(sigma / denom)
+
+
+def flow_sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: float,
+                  sigma_cap: float | None = None, noise: torch.Tensor | None = None,
+                  next_x: torch.Tensor | None = None, reduce: str = "mean") -> StepOutput:
+    """One Euler-Maruyama step of the marginal-preserving flow SDE; samples (with ``noise`` or fresh noise) when
+    ``next_x`` is None, otherwise scores the given transition. Computed in float32."""
+    out_dtype = x.dtype
+    x, v = x.float(), v.float()
+    s, s1 = _bc(sigma, x), _bc(sigma_next, x)
+    dt = s1 - s
+    st = _bc(flow_sde_std(sigma, noise_level, sigma_cap).to(x.device), x)
+    mean = x + (v + st ** 2 / (2 * s) * (x + (1 - s) * v)) * dt
+    std = st * torch.sqrt(-dt)
+    if next_x is None:
+        if noise is None:
+            noise = torch.randn_like(x)
+        next_x = mean + std * noise.float()
+    next_x = next_x.float()
+    lp = gaussian_log_prob(next_x.detach(), mean, std, reduce)
+    return StepOutput(next=next_x.to(out_dtype), mean=mean, std=std, log_prob=lp)
+
+
+def cps_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: float,
+             noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None, reduce: str = "mean") -> StepOutput:
+    """Coefficients-preserving sampling: x0 = x - sigma v, x1 = x + (1 - sigma) v, std = sigma' sin(a pi/2),
+    mean = (1 - sigma') x0 + sqrt(sigma'^2 - std^2) x1."""
+    x, v = x.float(), v.float()
+    s, s1 = _bc(sigma, x), _bc(sigma_next, x)
+    std = s1 * math.sin(noise_level * math.pi / 2)
+    x0, x1 = x - s * v, x + (1 - s) * v
+    mean = (1 - s1) * x0 + torch.sqrt((s1 ** 2 - std ** 2).clamp_min(0)) * x1
+    if next_x is None:
+        next_x = mean + std * (torch.randn_like(x) if noise is None else noise.float())
+    lp = gaussian_log_prob(next_x.detach().float(), mean, std.clamp_min(1e-12), reduce)
+    return StepOutput(next=next_x, mean=mean, std=std, log_prob=lp)
+
+
+def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar, alpha_bar_prev, eta: float,
+              noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None, reduce: str = "mean") -> StepOutput:
+    """DDIM (Song et al.) for epsilon prediction: x0 = (x - sqrt(1-a) eps)/sqrt(a),
+    std = eta sqrt((1-a')/(1-a)) sqrt(1 - a/a'), mean = sqrt(a') x0 + sqrt(1 - a' - std^2) eps."""
+    x, eps = x.float(), eps.float()
+    a, ap = _bc(alpha_bar, x), _bc(alpha_bar_prev, x)
+    x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
+    std = eta * torch.sqrt((1 - ap) / (1 - a)) * torch.sqrt(1 - a / ap)
+    mean = torch.sqrt(ap) * x0 + torch.sqrt((1 - ap - std ** 2).clamp_min(0)) * eps
+    if eta == 0:
+        return StepOutput(next=mean, mean=mean, std=std, log_prob=None)
+    if next_x is None:
+        next_x = mean + std * (torch.randn_like(x) if noise is None else noise.float())
+    lp = gaussian_log_prob(next_x.detach().float(), mean, std, reduce)
+    return StepOutput(next=next_x, mean=mean, std=std, log_prob=lp)

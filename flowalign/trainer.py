@@ -1,0 +1,333 @@
+"""The trainer: wires adapter, rollout, rewards and algorithm together; accelerate owns devices and processes.
+
+Per iteration: draw prompts (the same list on every process), repeat each ``group_size`` times, shuffle, give each
+process its slice -> rollout with log-probs -> rewards -> gather rewards and prompt ids from all processes ->
+per-prompt group advantages -> each process takes its slice -> PPO-clipped loss (+ beta x exact KL) on the chosen
+steps, ``inner_epochs`` passes, ``updates_per_iter`` optimizer steps per pass -> EMA, logs, checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowalign import checkpoint as ckpt
+from flowalign.algorithms import ALGORITHMS
+from flowalign.config import Config, Derived
+from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask
+from flowalign.samplers import flow_sde_std, gaussian_kl
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_model_path(path: str) -> str:
+    if path == "shapeworld":
+        from flowalign.shapeworld import MODEL_DIR
+        return str(MODEL_DIR)
+    return path
+
+
+class Trainer:
+    def __init__(self, cfg: Config, accelerator=None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from flowalign.eval.benchmark import resolve_prompts, subsample
+        from flowalign.eval.geneval import load_metadata
+        from flowalign.pipelines.base import load_adapter
+        from flowalign.rewards.combine import build_rewards
+
+        self.cfg = cfg
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.d = Derived.of(cfg, self.acc.num_processes)
+        set_seed(cfg.run.seed + self.acc.process_index)
+        self.out = Path(cfg.run.output_dir)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
+        self.adapter = load_adapter(resolve_model_path(cfg.model.path), cfg.model.family, dtype=dtype,
+                                    device=self.acc.device)
+        self.reward = build_rewards(cfg.rewards)
+        self.train_meta = load_metadata(resolve_prompts(cfg.data.train))
+        self.eval_sets = {"test": subsample(load_metadata(resolve_prompts(cfg.data.eval)), cfg.eval.n_per_task)}
+        if cfg.data.eval_unseen:
+            self.eval_sets["unseen"] = subsample(load_metadata(resolve_prompts(cfg.data.eval_unseen)), cfg.eval.n_per_task)
+        self.algo = ALGORITHMS[cfg.train.algorithm](clip_range=cfg.train.clip_range, adv_clip=cfg.train.adv_clip,
+                                                    global_std=cfg.train.global_std, beta=cfg.train.beta)
+        lora = cfg.model.lora
+        params = (self.adapter.add_lora(lora.rank, lora.alpha, init=lora.init if lora.init != "default" else True)
+                  if lora.enabled else self.adapter.full_finetune())
+        if self.algo.needs_reference:
+            self.adapter.freeze_reference()
+        if cfg.model.gradient_checkpointing:
+            self.adapter.enable_gradient_checkpointing()
+        self.params = params
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
+                                weight_decay=cfg.train.weight_decay)
+        self.model, self.opt = self.acc.prepare(self.adapter.transformer, opt)
+        self.adapter.forward_module = self.model  # the (possibly DDP-wrapped) module used for policy forwards
+        self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay > 0 else None
+        self.sigmas = self.adapter.schedule(cfg.sample.num_steps).to(self.acc.device)
+        self.mask = sde_mask(cfg.sample.num_steps, cfg.sample.sde_steps)
+        pool = [i for i in range(cfg.sample.num_steps) if self.mask[i]]
+        if cfg.train.train_steps.startswith("first:"):
+            pool = pool[: int(cfg.train.train_steps[6:])]
+        self.step_pool = pool
+        sig = self.sigmas.cpu()
+        self.step_std = [float(flow_sde_std(sig[i], cfg.sample.noise_level, float(sig[1])) * (sig[i] - sig[i + 1]).sqrt())
+                         for i in range(cfg.sample.num_steps)]
+        self.iteration, self.nan_streak, self.nan_skipped = 0, 0, 0
+        self.evals: list[dict] = []
+        self.is_main = self.acc.is_main_process
+        if cfg.run.resume and (c := ckpt.latest_checkpoint(self.out / "checkpoints")) is not None:
+            self.load(c)
+
+    # ---------------------------------------------------------------------------------------- data
+    def prompts_for(self, it: int) -> tuple[list[int], list[dict]]:
+        """Global prompt ids for this iteration (identical on every process), this process's slice."""
+        rng = random.Random(self.cfg.run.seed * 1_000_003 + it)
+        by_task: dict[str, list[int]] = {}
+        for j, m in enumerate(self.train_meta):
+            by_task.setdefault(m["tag"], []).append(j)
+        tasks = sorted(by_task)
+        chosen = [rng.choice(by_task[rng.choice(tasks)]) for _ in range(self.cfg.sample.prompts_per_iter)]
+        ids = [(g, pid) for g, pid in enumerate(chosen) for _ in range(self.cfg.sample.group_size)]
+        rng.shuffle(ids)
+        lo = self.acc.process_index * self.d.samples_per_process
+        mine = ids[lo: lo + self.d.samples_per_process]
+        return [g for g, _ in mine], [self.train_meta[pid] for _, pid in mine]
+
+    # ---------------------------------------------------------------------------------------- one iteration
+    @torch.no_grad()
+    def collect(self, it: int):
+        groups, metas = self.prompts_for(it)
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + self.acc.process_index)
+        trajs, rewards = [], []
+        s = self.cfg.sample
+        for k in range(0, len(metas), s.batch_size):
+            mb = metas[k:k + s.batch_size]
+            prompts = [m["prompt"] for m in mb]
+            cond = self.adapter.encode(prompts, negative="" if s.guidance > 1 else None)
+            tr = rollout(self.adapter, cond, self.sigmas, s.guidance, s.noise_level, self.mask, generator=gen,
+                         prompts=prompts, metadata=mb, kernel=s.kernel)
+            rewards.append(self.reward(tr.images, prompts, mb))
+            trajs.append(tr)
+        traj = Trajectory.cat(trajs)
+        r = {k: torch.cat([x[k] for x in rewards]) for k in rewards[0]}
+        return traj, r, torch.tensor(groups, device=self.acc.device)
+
+    def advantages(self, reward: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        all_r = self.acc.gather(reward.to(self.acc.device).float())
+        all_g = self.acc.gather(groups)
+        adv = self.algo.advantages(all_r, all_g)
+        lo = self.acc.process_index * self.d.samples_per_process
+        gstd = torch.stack([all_r[all_g == g].std(unbiased=False) for g in torch.unique(all_g)])
+        stats = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item(),
+                 "zero_std_frac": (gstd < 1e-6).float().mean().item()}
+        return adv[lo: lo + self.d.samples_per_process], stats
+
+    def train_on(self, traj: Trajectory, adv: torch.Tensor, it: int) -> dict:
+        t = self.cfg.train
+        rng = random.Random(self.cfg.run.seed * 31 + it)
+        k = max(1, round(t.timestep_fraction * len(self.step_pool)))
+        steps = sorted(rng.sample(self.step_pool, k))
+        w = {j: 1.0 for j in steps}
+        if t.step_weighting == "std":
+            m = float(np.mean([self.step_std[j] for j in steps]))
+            w = {j: float(self.step_std[j]) / m for j in steps}
+        stats: dict[str, list[float]] = {}
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 17 + it)
+        n = len(traj)
+        for _ in range(t.inner_epochs):
+            perm = torch.randperm(n, generator=gen)
+            batches = perm.split(t.batch_size)
+            for b, idx in enumerate(batches):
+                sub, a = traj.index(idx), adv[idx.to(adv.device)]
+                sync = (b + 1) % self.d.accumulation == 0 or b == len(batches) - 1
+                ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
+                with ctx:
+                    for j in steps:
+                        out = replay_step(self.adapter, sub, j, kernel=self.cfg.sample.kernel)
+                        kl = None
+                        if self.algo.needs_reference:
+                            with torch.no_grad(), self.adapter.reference():
+                                ref = replay_step(self.adapter, sub, j, kernel=self.cfg.sample.kernel)
+                            kl = gaussian_kl(out.mean, ref.mean, out.std)
+                        loss, st = self.algo.step_loss(out.log_prob, sub.log_probs[:, j], a, kl)
+                        self.acc.backward(loss * w[j] / (len(steps) * self.d.accumulation))
+                        for key, v in st.items():
+                            stats.setdefault(key, []).append(v)
+                if sync:
+                    gn = self.acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
+                    if gn is not None:
+                        stats.setdefault("grad_norm", []).append(float(gn))
+                    self.update_ema()
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["ratio_dev"] = float(np.max(stats.get("ratio_dev", [0.0])))
+        return out
+
+    def update_ema(self):
+        if self.ema is None:
+            return
+        decay = min(self.cfg.train.ema_decay, (1 + self.iteration) / (10 + self.iteration))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1 - decay)
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        live = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.ema):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(self.params, live):
+                    p.copy_(v)
+
+    # ---------------------------------------------------------------------------------------- eval / io
+    def evaluate(self, tag: str) -> dict:
+        from flowalign.eval.benchmark import evaluate, save_grid
+
+        res_all = {}
+        if self.is_main:
+            e = self.cfg.eval
+            with self.ema_weights():
+                for name, metas in self.eval_sets.items():
+                    res, images = evaluate(self.adapter, metas, e.num_steps, e.guidance, e.seed, e.batch_size)
+                    res_all[name] = {"per_task": res["per_task"], "overall": res["overall"]}
+                    if name == "test":
+                        marked = [dict(m, correct=r["correct"]) for m, r in zip(metas, res["per_image"])]
+                        save_grid(images, marked, self.out / "samples" / f"{tag}.png")
+            rec = {"tag": tag, "iteration": self.iteration, **res_all}
+            self.evals.append({"iteration": self.iteration, "overall": res_all["test"]["overall"], "tag": tag})
+            with open(self.out / "evals.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.acc.wait_for_everyone()
+        return res_all
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        model = self.acc.unwrap_model(self.model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: p for p in self.params}
+
+    def save(self):
+        if self.is_main:
+            state = {"optimizer": self.opt.state_dict(), "ema": self.ema, "rng": ckpt.rng_state(),
+                     "counters": {"iteration": self.iteration, "nan_skipped": self.nan_skipped,
+                                  "nan_streak": self.nan_streak}, "evals": self.evals}
+            ckpt.save_checkpoint(self.out / "checkpoints", f"iter_{self.iteration:06d}", self.trainable_state(), state,
+                                 {"iteration": self.iteration, "config_hash": self.cfg.hash()})
+        self.acc.wait_for_everyone()
+
+    def load(self, directory):
+        weights, state, meta = ckpt.load_checkpoint(directory)
+        if meta.get("config_hash") != self.cfg.hash():
+            raise TrainingError(f"checkpoint {directory} was written by a different config (hash {meta.get('config_hash')}"
+                                f" vs {self.cfg.hash()}); use a new run.output_dir or run.resume=false")
+        cur = self.trainable_state()
+        with torch.no_grad():
+            for k, p in cur.items():
+                p.copy_(weights[k])
+        self.opt.load_state_dict(state["optimizer"])
+        self.ema = state["ema"]
+        ckpt.set_rng_state(state["rng"])
+        c = state["counters"]
+        self.iteration, self.nan_skipped, self.nan_streak = c["iteration"], c["nan_skipped"], c["nan_streak"]
+        self.evals = state.get("evals", [])
+
+    # ---------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        from flowalign.tracking import RunLogger
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        log = RunLogger(self.out, enabled=self.is_main)
+        if self.is_main:
+            (self.out / "config.json").write_text(json.dumps(dict(self.cfg.to_dict(), config_hash=self.cfg.hash()),
+                                                             indent=1))
+        base = None
+        if self.iteration == 0:
+            base = self.evaluate("base")
+            if self.is_main:
+                (self.out / "base_eval.json").write_text(json.dumps(base, indent=1))
+        total = self.cfg.train.iterations
+        bar = tqdm(total=total, initial=self.iteration, desc="flow-grpo", disable=not self.is_main, mininterval=2)
+        while self.iteration < total:
+            t0 = time.time()
+            it = self.iteration
+            traj, rew, groups = self.collect(it)
+            t_roll = time.time() - t0
+            finite = torch.isfinite(rew["reward"]).all().to(self.acc.device).float()
+            finite = self.acc.reduce(finite, reduction="mean").item() if self.d.world > 1 else finite.item()
+            rec = {"iteration": it + 1, "rollout_s": t_roll}
+            if finite < 1:
+                self.nan_streak += 1
+                self.nan_skipped += 1
+                rec.update(skipped="non-finite reward", nan_skipped=self.nan_skipped)
+                if self.nan_streak >= self.cfg.train.max_nan_streak:
+                    raise TrainingError(f"reward was non-finite (NaN/inf) in {self.nan_streak} iterations in a row; "
+                                        f"stopping at iteration {it + 1}")
+            else:
+                self.nan_streak = 0
+                adv, st = self.advantages(rew["reward"], groups)
+                rec.update(st)
+                rec.update(self.train_on(traj, adv, it))
+                tags = [m["tag"] for m in traj.metadata]
+                for tg in sorted(set(tags)):
+                    rec[f"reward/{tg}"] = float(rew["reward"][[x == tg for x in tags]].mean())
+            self.iteration += 1
+            rec["iter_s"] = time.time() - t0
+            log.log(rec)
+            bar.update(1)
+            if "reward_mean" in rec:
+                bar.set_postfix(r=f"{rec['reward_mean']:.3f}±{rec['reward_std']:.2f}", kl=f"{rec.get('kl', 0):.2e}",
+                                clip=f"{rec.get('clipfrac', 0):.2f}")
+            if self.cfg.eval.every and self.iteration % self.cfg.eval.every == 0 and self.iteration < total:
+                self.evaluate(f"iter_{self.iteration:06d}")
+            if self.cfg.run.checkpoint_every and self.iteration % self.cfg.run.checkpoint_every == 0:
+                self.save()
+        bar.close()
+        final = self.evaluate("final")
+        if self.cfg.run.checkpoint_every == 0 or self.iteration % self.cfg.run.checkpoint_every:
+            self.save()
+        result = self.finish(base, final, log)
+        log.close()
+        return result
+
+    def finish(self, base, final, log) -> dict:
+        from flowalign import plots
+        from flowalign.eval.benchmark import format_table
+
+        if not self.is_main:
+            return {}
+        with self.ema_weights():
+            self.adapter.save_trained(self.out / "final")
+        if base is None and (self.out / "base_eval.json").is_file():
+            base = json.loads((self.out / "base_eval.json").read_text())
+        result = {"final": final, "base": base, "iterations": self.iteration, "nan_skipped": self.nan_skipped}
+        (self.out / "results.json").write_text(json.dumps(result, indent=1))
+        plots.reward_curve(self.out / "metrics.jsonl", self.out / "reward_curve.png", self.evals)
+        if base:
+            lines = []
+            for name in final:
+                cols = {"base": base[name], "trained": final[name]}
+                lines.append(f"### {name} prompts\n\n" + format_table(cols))
+                plots.compare_bars(cols, self.out / f"compare_{name}.png", title=f"ShapeWorld judge, {name} prompts")
+            (self.out / "report.md").write_text("\n\n".join(lines) + "\n")
+            print("\n" + "\n\n".join(lines))
+        return result

@@ -1,0 +1,195 @@
+"""Adapter for Stable Diffusion 3 / 3.5 (``StableDiffusion3Pipeline``): rectified flow, velocity prediction,
+FlowMatchEuler sigmas with the checkpoint's shift, CFG by batch concatenation, optional T5.
+
+The embedded ShapeWorld model is this architecture (two tiny CLIP encoders, no T5).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import torch
+
+from flowalign import samplers
+
+from .base import Cond, ModelLoadError, check_model_path
+
+# attention projections LoRA targets in SD3's joint transformer blocks (flow_grpo's choice)
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+class SD3Adapter:
+    family = "sd3"
+    prediction_type = "flow"
+    supports_cfg = True
+
+    def __init__(self, pipe, max_sequence_length: int | None = None):
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        # without T5 the sequence is CLIP tokens only: max_sequence_length 0 adds no padded T5 rows
+        self.max_sequence_length = (0 if pipe.text_encoder_3 is None else 256) if max_sequence_length is None \
+            else max_sequence_length
+        self._ref_module: torch.nn.Module | None = None  # frozen copy (full fine-tuning)
+        self._use_ref = False
+        self.forward_module: torch.nn.Module | None = None  # the trainer's wrapped transformer (DDP), if any
+        self.lora_config = None
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", **kw) -> "SD3Adapter":
+        from diffusers import StableDiffusion3Pipeline
+
+        path = check_model_path(path)
+        extra = {}
+        if Path(path).is_dir() and not (Path(path) / "text_encoder_3").is_dir():
+            extra = dict(text_encoder_3=None, tokenizer_3=None)
+        try:
+            pipe = StableDiffusion3Pipeline.from_pretrained(path, torch_dtype=dtype, **extra)
+        except OSError as e:
+            raise ModelLoadError(f"could not load an SD3 pipeline from {path}: {str(e).splitlines()[0]}") from None
+        return cls(pipe.to(device), **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    @property
+    def default_size(self) -> int:
+        return self.transformer.config.sample_size * self.pipe.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        h, w = height or self.default_size, width or self.default_size
+        f = self.pipe.vae_scale_factor
+        if h % (f * self.transformer.config.patch_size) or w % (f * self.transformer.config.patch_size):
+            raise ValueError(f"image size {h}x{w} must be a multiple of {f * self.transformer.config.patch_size}")
+        return (self.transformer.config.in_channels, h // f, w // f)
+
+    # ------------------------------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative: str | None = "") -> Cond:
+        cfg = negative is not None
+        pe, npe, pp, npp = self.pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, do_classifier_free_guidance=cfg,
+            negative_prompt=[negative] * len(prompts) if cfg else None, max_sequence_length=self.max_sequence_length,
+            device=self.device)
+        return Cond(pe, pp, npe if cfg else None, npp if cfg else None)
+
+    def init_noise(self, n: int, generator=None, height=None, width=None) -> torch.Tensor:
+        """x_T as the stock pipeline draws it: one randn of the whole batch, or one per sample for a list of
+        generators."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor((n, *self.latent_shape(height, width)), generator=generator, device=self.device,
+                            dtype=torch.float32)
+
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        sch = copy.deepcopy(self.pipe.scheduler)
+        sch.set_timesteps(num_steps)
+        return sch.sigmas.float().cpu().clone()
+
+    def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0) -> torch.Tensor:
+        """Velocity at (x, sigma); CFG ``u + g (c - u)`` when guidance > 1 and the cond has negatives."""
+        if self._use_ref:
+            model = self._ref_module if self._ref_module is not None else self.transformer
+        else:
+            model = self.forward_module if self.forward_module is not None else self.transformer
+        B = x.shape[0]
+        t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B) * 1000
+        use_cfg = guidance > 1.0 and cond.neg_embeds is not None
+        if use_cfg:
+            out = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
+                        pooled_projections=torch.cat([cond.neg_pooled, cond.pooled]), return_dict=False)[0]
+            u, c = out.float().chunk(2)
+            return u + guidance * (c - u)
+        return model(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                     return_dict=False)[0].float()
+
+    def step(self, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Cond, guidance: float = 1.0,
+             noise_level: float = 0.0, next_x: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             kernel: str = "sde") -> samplers.StepOutput:
+        """Step i (sigma_i -> sigma_{i+1}); ODE when noise_level == 0; samples when next_x is None, otherwise
+        scores the stored transition (rollout and replay are the same code)."""
+        v = self.predict(x, sigmas[i], cond, guidance)
+        if noise_level == 0:
+            return samplers.ode_step(x, v, sigmas[i], sigmas[i + 1])
+        if kernel == "cps":
+            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
+        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
+                                      noise=noise, next_x=next_x)
+
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        cfg = self.vae.config
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            z = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------ training
+    def add_lora(self, rank: int = 32, alpha: float = 64, targets=LORA_TARGETS, init: str | bool = "gaussian"):
+        from peft import LoraConfig
+
+        present = {n.split(".")[-1] if not n.endswith("to_out.0") else "to_out.0"
+                   for n, _ in self.transformer.named_modules()}
+        targets = [t for t in targets if t in present]
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
+        self.transformer.requires_grad_(False)
+        self.transformer.add_adapter(self.lora_config)
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    def full_finetune(self):
+        self.transformer.requires_grad_(True)
+        return list(self.transformer.parameters())
+
+    def trainable_parameters(self):
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Inside, ``predict`` uses the reference model: LoRA disabled, or a frozen copy taken at the first call
+        (full fine-tuning)."""
+        if self.lora_config is None and self._ref_module is None:
+            raise RuntimeError("no reference model: call adapter.freeze_reference() before training")
+        if self.lora_config is not None:
+            self.transformer.disable_adapters()
+        self._use_ref = True
+        try:
+            yield
+        finally:
+            self._use_ref = False
+            if self.lora_config is not None:
+                self.transformer.enable_adapters()
+
+    def freeze_reference(self):
+        """Keep a frozen copy of the current weights as the reference (only needed for full fine-tuning)."""
+        if self.lora_config is None and self._ref_module is None:
+            self._ref_module = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    def enable_gradient_checkpointing(self):
+        self.transformer.enable_gradient_checkpointing()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.transformer)
+
+    def save_trained(self, directory) -> None:
+        """LoRA weights in the diffusers format (``pipe.load_lora_weights(directory)``), or the full transformer."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is not None:
+            from diffusers import StableDiffusion3Pipeline
+
+            StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict())
+        else:
+            self.transformer.save_pretrained(str(directory / "transformer"))
