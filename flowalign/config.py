@@ -118,6 +118,7 @@ class Config:
         d = self.to_dict()
         for k in ("run", "eval"):
             d.pop(k)
+        d["train"].pop("iterations")  # a run may be resumed with a longer schedule
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -40,6 +40,12 @@ def _bc(s, x: torch.Tensor) -> torch.Tensor:
     return s.view(-1, *([1] * (x.ndim - 1))) if s.ndim else s
 
 
+def _hi(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Compute in float32 at least (bf16/fp16 overflow in these formulas); float64 stays float64."""
+    dt = torch.promote_types(ts[0].dtype, torch.float32)
+    return [t.to(dt) for t in ts]
+
+
 def _reduce(t: torch.Tensor, reduce: str) -> torch.Tensor:
     dims = tuple(range(1, t.ndim))
     if reduce == "mean":
@@ -69,7 +75,8 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next) -> StepOutput:
 
 def flow_sde_std(sigma, noise_level: float, sigma_cap: float | None = None) -> torch.Tensor:
     """s_t = a * sqrt(sigma / (1 - sigma)), with 1 - sigma replaced by 1 - sigma_cap where sigma >= 1."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    sigma = torch.as_tensor(sigma)
+    sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
     denom = 1 - sigma
     if sigma_cap is not None:
         denom = torch.where(sigma >= 1, torch.as_tensor(1 - sigma_cap, dtype=sigma.dtype), denom)
@@ -82,17 +89,17 @@ def flow_sde_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_lev
     """One Euler-Maruyama step of the marginal-preserving flow SDE; samples (with ``noise`` or fresh noise) when
     ``next_x`` is None, otherwise scores the given transition. Computed in float32."""
     out_dtype = x.dtype
-    x, v = x.float(), v.float()
+    x, v = _hi(x, v)
     s, s1 = _bc(sigma, x), _bc(sigma_next, x)
     dt = s1 - s
-    st = _bc(flow_sde_std(sigma, noise_level, sigma_cap).to(x.device), x)
+    st = _bc(flow_sde_std(torch.as_tensor(sigma, dtype=x.dtype), noise_level, sigma_cap).to(x.device), x)
     mean = x + (v + st ** 2 / (2 * s) * (x + (1 - s) * v)) * dt
     std = st * torch.sqrt(-dt)
     if next_x is None:
         if noise is None:
             noise = torch.randn_like(x)
-        next_x = mean + std * noise.float()
-    next_x = next_x.float()
+        next_x = mean + std * noise.to(x.dtype)
+    next_x = next_x.to(x.dtype)
     lp = gaussian_log_prob(next_x.detach(), mean, std, reduce)
     return StepOutput(next=next_x.to(out_dtype), mean=mean, std=std, log_prob=lp)
 
@@ -101,14 +108,14 @@ def cps_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: f
              noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None, reduce: str = "mean") -> StepOutput:
     """Coefficients-preserving sampling: x0 = x - sigma v, x1 = x + (1 - sigma) v, std = sigma' sin(a pi/2),
     mean = (1 - sigma') x0 + sqrt(sigma'^2 - std^2) x1."""
-    x, v = x.float(), v.float()
+    x, v = _hi(x, v)
     s, s1 = _bc(sigma, x), _bc(sigma_next, x)
     std = s1 * math.sin(noise_level * math.pi / 2)
     x0, x1 = x - s * v, x + (1 - s) * v
     mean = (1 - s1) * x0 + torch.sqrt((s1 ** 2 - std ** 2).clamp_min(0)) * x1
     if next_x is None:
-        next_x = mean + std * (torch.randn_like(x) if noise is None else noise.float())
-    lp = gaussian_log_prob(next_x.detach().float(), mean, std.clamp_min(1e-12), reduce)
+        next_x = mean + std * (torch.randn_like(x) if noise is None else noise.to(x.dtype))
+    lp = gaussian_log_prob(next_x.detach().to(x.dtype), mean, std.clamp_min(1e-12), reduce)
     return StepOutput(next=next_x, mean=mean, std=std, log_prob=lp)
 
 
@@ -116,7 +123,7 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar, alpha_bar_prev, eta
               noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None, reduce: str = "mean") -> StepOutput:
     """DDIM (Song et al.) for epsilon prediction: x0 = (x - sqrt(1-a) eps)/sqrt(a),
     std = eta sqrt((1-a')/(1-a)) sqrt(1 - a/a'), mean = sqrt(a') x0 + sqrt(1 - a' - std^2) eps."""
-    x, eps = x.float(), eps.float()
+    x, eps = _hi(x, eps)
     a, ap = _bc(alpha_bar, x), _bc(alpha_bar_prev, x)
     x0 = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
     std = eta * torch.sqrt((1 - ap) / (1 - a)) * torch.sqrt(1 - a / ap)
@@ -124,6 +131,6 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar, alpha_bar_prev, eta
     if eta == 0:
         return StepOutput(next=mean, mean=mean, std=std, log_prob=None)
     if next_x is None:
-        next_x = mean + std * (torch.randn_like(x) if noise is None else noise.float())
-    lp = gaussian_log_prob(next_x.detach().float(), mean, std, reduce)
+        next_x = mean + std * (torch.randn_like(x) if noise is None else noise.to(x.dtype))
+    lp = gaussian_log_prob(next_x.detach().to(x.dtype), mean, std, reduce)
     return StepOutput(next=next_x, mean=mean, std=std, log_prob=lp)

@@ -20,6 +20,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
     for g in torch.unique(group_ids):
         m = group_ids == g
         r = rewards[m]
+        if r.std(unbiased=False) < 1e-12:  # all equal: no signal (and no 0/0 when eps = 0)
+            continue
         std = gstd if global_std else r.std(unbiased=False)
         adv[m] = (r - r.mean()) / (std + eps)
     if adv_clip is not None:
