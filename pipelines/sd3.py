@@ -190,6 +190,10 @@ class SD3Adapter:
         if self.lora_config is not None:
             from diffusers import StableDiffusion3Pipeline
 
-            StableDiffusion3Pipeline.save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict())
+            # the adapter metadata (rank, alpha, targets) travels with the weights, so that load_lora_weights
+            # applies the same alpha / rank scale
+            StableDiffusion3Pipeline.save_lora_weights(
+                str(directory), transformer_lora_layers=self.lora_state_dict(),
+                transformer_lora_adapter_metadata=self.lora_config.to_dict())
         else:
             self.transformer.save_pretrained(str(directory / "transformer"))

@@ -22,6 +22,7 @@ def build_tiny_sd3(directory, seed: int = 0):
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8), layers_per_block=1,
                         latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae.register_to_config(shift_factor=0.1, scaling_factor=1.5)  # SD3 VAEs carry both
     tok = write_tokenizer(os.path.join(directory, "_tok"))
     pipe = build_pipeline(r, vae, tok)
     pipe.save_pretrained(str(directory))
