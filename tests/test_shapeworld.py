@@ -1,0 +1,138 @@
+"""ShapeWorld: prompt files are GenEval metadata, the detector is right on renders, the evaluator's verdicts."""
+import json
+import random
+
+import numpy as np
+import pytest
+
+from flowalign.eval.geneval import MetadataError, judge, load_metadata, score_images, validate_metadata
+from flowalign.shapeworld import prompts as P
+from flowalign.shapeworld.detector import Detection, detect
+from flowalign.shapeworld.world import TASKS, make_metadata, render, render_batch
+
+
+@pytest.mark.parametrize("name", ["train", "test", "test_unseen"])
+def test_shipped_prompt_files_are_geneval_metadata(name):
+    metas = load_metadata(P.prompt_file(name))
+    for m in metas:
+        assert set(m) <= {"tag", "include", "exclude", "prompt"}
+        assert m["tag"] in TASKS
+        if m["tag"] == "position":
+            assert "position" not in m["include"][0] and m["include"][1]["position"][1] == 0
+        if m["tag"] == "counting":
+            assert m["exclude"] == [{"class": m["include"][0]["class"], "count": m["include"][0]["count"] + 1}]
+        if m["tag"] in ("colors", "color_attr"):
+            assert all("color" in c for c in m["include"])
+    if name == "test":
+        assert {t: sum(m["tag"] == t for m in metas) for t in TASKS} == {t: 100 for t in TASKS}
+
+
+def test_shipped_files_are_what_the_generator_writes(tmp_path):
+    paths = P.write_prompt_files(tmp_path)
+    for name, p in paths.items():
+        assert p.read_text() == P.prompt_file(name).read_text()
+
+
+def test_unseen_combinations_never_appear_in_training():
+    train = {m["prompt"] for m in load_metadata(P.prompt_file("train"))}
+    unseen = load_metadata(P.prompt_file("test_unseen"))
+    assert {m["tag"] for m in unseen} == {"color_attr", "position"}
+    assert not any(m["prompt"] in train for m in unseen)
+    test = load_metadata(P.prompt_file("test"))
+    assert all(m["prompt"] in train for m in test)
+
+
+def test_official_geneval_lines_parse_unchanged(tmp_path):
+    lines = [
+        {"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"},
+        {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
+         "prompt": "a photo of two clocks"},
+        {"tag": "position", "include": [{"class": "teddy bear", "count": 1},
+                                        {"class": "dog", "count": 1, "position": ["right of", 0]}],
+         "prompt": "a photo of a dog right of a teddy bear"},
+        {"tag": "color_attr", "include": [{"class": "oven", "count": 1, "color": "purple"},
+                                          {"class": "bed", "count": 1, "color": "pink"}],
+         "prompt": "a photo of a purple oven and a pink bed"},
+    ]
+    f = tmp_path / "evaluation_metadata.jsonl"
+    f.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert load_metadata(f) == lines
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ("{not json", "not valid JSON"),
+    ('{"tag": "single_object", "prompt": "x"}', "missing key 'include'"),
+    ('{"tag": "t", "include": [{"class": "a", "count": 0}], "prompt": "x"}', "bad count"),
+    ('{"tag": "t", "include": [{"class": "a", "count": 1}, {"class": "b", "count": 1, "position": ["near", 0]}], '
+     '"prompt": "x"}', "bad position"),
+])
+def test_malformed_metadata_line_names_the_line(tmp_path, bad, msg):
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps(make_metadata("single_object", shape="circle")) + "\n" + bad + "\n")
+    with pytest.raises(MetadataError, match=f"m.jsonl:2: .*{msg}"):
+        load_metadata(f)
+
+
+def test_detector_is_right_on_thousands_of_renders():
+    imgs, metas = render_batch(2400, seed=123)
+    res = score_images(metas, imgs)
+    acc = np.mean([r["correct"] for r in res["per_image"]])
+    assert acc >= 0.99, res["per_task"]
+    assert min(res["per_task"].values()) >= 0.97
+
+
+def test_detector_survives_noise_and_blur():
+    from PIL import ImageFilter
+    rng = np.random.default_rng(0)
+    imgs, metas = render_batch(600, seed=7)
+    noisy = []
+    for im in imgs:
+        b = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(im).filter(ImageFilter.GaussianBlur(0.5)))
+        noisy.append(np.clip(b.astype(np.float32) + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
+    res = score_images(metas, noisy)
+    assert np.mean([r["correct"] for r in res["per_image"]]) >= 0.95, res["per_task"]
+
+
+def _scene(*objs):
+    return np.asarray(render([dict(shape=s, color=c, x=x, y=y, r=0.18) for s, c, x, y in objs]))
+
+
+def test_evaluator_verdicts_on_hand_made_scenes():
+    pos = make_metadata("position", a="circle", b="square", rel="left of")
+    assert judge(pos, detect(_scene(("circle", "red", 0.25, 0.5), ("square", "blue", 0.75, 0.5))))[0]
+    ok, partial = judge(pos, detect(_scene(("circle", "red", 0.75, 0.5), ("square", "blue", 0.25, 0.5))))
+    assert not ok and partial == pytest.approx(2 / 3)  # both objects present, relation wrong
+
+    ca = make_metadata("color_attr", a="circle", b="square", ca="red", cb="blue")
+    assert judge(ca, detect(_scene(("circle", "red", 0.25, 0.3), ("square", "blue", 0.7, 0.7))))[0]
+    ok, partial = judge(ca, detect(_scene(("circle", "blue", 0.25, 0.3), ("square", "red", 0.7, 0.7))))
+    assert not ok and partial == pytest.approx(0.5)  # swapped colours: shapes right, colours wrong
+
+    cnt = make_metadata("counting", shape="triangle", n=3)
+    three = [("triangle", "green", 0.2, 0.2), ("triangle", "red", 0.75, 0.25), ("triangle", "blue", 0.5, 0.75)]
+    assert judge(cnt, detect(_scene(*three)))[0]
+    ok, partial = judge(cnt, detect(_scene(*three, ("triangle", "yellow", 0.2, 0.75))))
+    assert not ok and partial == pytest.approx(2 / 3)  # four is too many: 1 - |4-3|/3
+    assert not judge(cnt, detect(_scene(*three[:2])))[0]
+
+    single = make_metadata("colors", shape="cross", color="purple")
+    assert judge(single, detect(_scene(("cross", "purple", 0.5, 0.5))))[0]
+    assert not judge(single, detect(_scene(("cross", "orange", 0.5, 0.5))))[0]
+    assert judge(make_metadata("two_object", a="circle", b="cross"), [])[1] == 0.0
+
+
+def test_judge_accepts_detections_from_other_backends():
+    d = [{"cls": "circle", "color": "red", "centroid": (0.2, 0.5), "score": 0.9, "bbox": (0.1, 0.4, 0.3, 0.6)},
+         Detection("square", "blue", (0.6, 0.4, 0.8, 0.6), (0.7, 0.5), 0.04, 0.8)]
+    assert judge(make_metadata("position", a="circle", b="square", rel="left of"), d)[0]
+
+
+def test_validate_rejects_non_dict():
+    with pytest.raises(MetadataError):
+        validate_metadata(["x"])
+
+
+def test_render_is_deterministic_and_sized():
+    a, _ = render_batch(4, seed=1)
+    b, _ = render_batch(4, seed=1)
+    assert a.shape == (4, 32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b)
