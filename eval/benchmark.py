@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .geneval import load_metadata, score_images
+from .geneval import load_metadata, score_images, summarize
 
 BENCHMARKS = {"shapeworld-geneval": "shapeworld:test", "shapeworld-geneval-unseen": "shapeworld:test_unseen"}
 TASK_ORDER = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -68,9 +68,14 @@ def generate(adapter, prompts: list[str], num_steps: int, guidance: float, seed:
 
 
 def evaluate(adapter, metadata: list[dict], num_steps: int = 20, guidance: float = 2.0, seed: int = 1000,
-             batch_size: int = 200, detector=None, progress: bool = False) -> tuple[dict, np.ndarray]:
+             batch_size: int = 200, detector=None, progress: bool = False, scorer=None) -> tuple[dict, np.ndarray]:
+    """scorer(metadata, images) -> [(correct, partial)] replaces the GenEval rules + detector when given."""
     images = generate(adapter, [m["prompt"] for m in metadata], num_steps, guidance, seed, batch_size, progress)
-    res = score_images(metadata, images, detector)
+    if scorer is None:
+        res = score_images(metadata, images, detector)
+    else:
+        res = summarize([{"tag": m["tag"], "prompt": m["prompt"], "correct": c, "partial": p}
+                         for m, (c, p) in zip(metadata, scorer(metadata, images))])
     res.update(num_steps=num_steps, guidance=guidance, seed=seed)
     return res, images
 

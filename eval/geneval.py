@@ -57,10 +57,16 @@ def validate_metadata(meta, where: str = "metadata") -> dict:
 
 
 def load_metadata(path) -> list[dict]:
-    """Read a GenEval metadata .jsonl file (one JSON object per line)."""
+    """Read a GenEval metadata .jsonl file (one JSON object per line). A .txt file is a plain prompt list (one per
+    line) and becomes records ``{"tag": "prompt", "prompt": ...}`` for rewards that need no metadata."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"metadata file not found: {path}")
+    if path.suffix == ".txt":
+        out = [{"tag": "prompt", "prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+        if not out:
+            raise MetadataError(f"{path}: no prompts")
+        return out
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():

@@ -89,6 +89,7 @@ class EvalCfg:
     n_per_task: int = 100
     seed: int = 1000
     batch_size: int = 200
+    judge: Literal["shapeworld", "reward"] = "shapeworld"  # 'reward': report the training reward per tag
 
 
 @dataclass

@@ -207,7 +207,9 @@ class Trainer:
             e = self.cfg.eval
             with self.ema_weights():
                 for name, metas in self.eval_sets.items():
-                    res, images = evaluate(self.adapter, metas, e.num_steps, e.guidance, e.seed, e.batch_size)
+                    judge = None if e.judge == "shapeworld" else self.reward_judge
+                    res, images = evaluate(self.adapter, metas, e.num_steps, e.guidance, e.seed, e.batch_size,
+                                           scorer=judge)
                     res_all[name] = {"per_task": res["per_task"], "overall": res["overall"]}
                     if name == "test":
                         marked = [dict(m, correct=r["correct"]) for m, r in zip(metas, res["per_image"])]
@@ -218,6 +220,12 @@ class Trainer:
                 f.write(json.dumps(rec) + "\n")
         self.acc.wait_for_everyone()
         return res_all
+
+    def reward_judge(self, metadata, images) -> list[tuple[bool, float]]:
+        """Eval with the training reward: (reward > 0.5 or the reward's own 'correct', reward) per image."""
+        out = self.reward(list(images), [m["prompt"] for m in metadata], metadata)
+        correct = out.get("correct", out["reward"] > 0.5)
+        return [(bool(c), float(r)) for c, r in zip(correct.tolist(), out["reward"].tolist())]
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         model = self.acc.unwrap_model(self.model)
