@@ -144,9 +144,15 @@ class Trainer:
             w = {j: float(self.step_std[j]) / m for j in steps}
         stats: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 17 + it)
-        n = len(traj)
+        # samples with zero advantage (groups that all scored the same) carry no policy gradient: skip them, as
+        # flow_grpo does (with beta > 0 they would only add KL; the other samples keep that term)
+        # (one process only: with several, every process must run the same number of backward passes)
+        keep = (adv != 0).nonzero().view(-1).cpu() if self.d.world == 1 else torch.arange(len(traj))
+        n = len(keep)
+        if n == 0:
+            return {"trained_frac": 0.0}
         for _ in range(t.inner_epochs):
-            perm = torch.randperm(n, generator=gen)
+            perm = keep[torch.randperm(n, generator=gen)]
             batches = perm.split(t.batch_size)
             for b, idx in enumerate(batches):
                 sub, a = traj.index(idx), adv[idx.to(adv.device)]
@@ -172,6 +178,7 @@ class Trainer:
                         stats.setdefault("grad_norm", []).append(float(gn))
                     self.update_ema()
         out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["trained_frac"] = n / len(traj)
         out["ratio_dev"] = float(np.max(stats.get("ratio_dev", [0.0])))
         return out
 

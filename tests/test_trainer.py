@@ -1,0 +1,160 @@
+"""End-to-end training on a tiny random SD3 replica: outputs, weights that move, resume, NaN rewards, errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowalign.config import load_config
+from flowalign.rewards import Reward, RewardError, register
+from flowalign.trainer import Trainer, TrainingError
+
+ROOT = Path(__file__).parent.parent
+
+
+class Brightness(Reward):
+    """Mean pixel value: a smooth reward a random model can climb."""
+    name = "test_brightness"
+
+    def score(self, images, prompts, metadata):
+        return {"reward": images.mean(dim=(1, 2, 3))}
+
+
+class NaNFirst(Reward):
+    """NaN for the first ``bad`` calls, brightness afterwards."""
+    name = "test_nan"
+    calls = 0
+    bad = 1
+
+    def score(self, images, prompts, metadata):
+        NaNFirst.calls += 1
+        r = images.mean(dim=(1, 2, 3))
+        return {"reward": torch.full_like(r, float("nan")) if NaNFirst.calls <= NaNFirst.bad else r}
+
+
+register("test_brightness")(lambda: Brightness())
+register("test_nan")(lambda: NaNFirst())
+
+
+def tiny_cfg(model, out, **over):
+    d = {"model": {"path": model, "lora": {"rank": 4, "alpha": 8}},
+         "sample": {"num_steps": 4, "prompts_per_iter": 2, "group_size": 4, "batch_size": 8},
+         "train": {"iterations": 2, "lr": 1e-2, "batch_size": 4, "updates_per_iter": 2, "beta": 0.01},
+         "rewards": {"test_brightness": 1.0},
+         "eval": {"num_steps": 2, "n_per_task": 1},
+         "run": {"output_dir": str(out), "checkpoint_every": 1}}
+    for k, v in over.items():
+        sec, key = k.split("__")
+        d.setdefault(sec, {})[key] = v
+    return load_config(d)
+
+
+def lora_B(trainer):
+    return {k: v.detach().clone() for k, v in trainer.trainable_state().items() if "lora_B" in k}
+
+
+def test_two_iterations_train_and_write_everything(tiny_sd3, tmp_path):
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run"))
+    before = lora_B(t)
+    assert before and all(v.abs().max() == 0 for v in before.values())
+    t.run()
+    after = lora_B(t)
+    assert any(v.abs().max() > 0 for v in after.values())
+    out = tmp_path / "run"
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [1, 2]
+    assert recs[0]["ratio_dev"] < 1e-4  # first minibatch is on-policy
+    for f in ["final/pytorch_lora_weights.safetensors", "checkpoints/latest", "reward_curve.png", "compare_test.png",
+              "samples/base.png", "samples/final.png", "results.json", "report.md", "evals.jsonl", "config.json"]:
+        assert (out / f).exists(), f
+    assert list((out / "tb").iterdir())
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["final"]) == {"test", "unseen"} and res["iterations"] == 2
+
+
+def test_resume_continues_at_the_same_step_with_the_same_state(tiny_sd3, tmp_path):
+    out = tmp_path / "run"
+    t1 = Trainer(tiny_cfg(tiny_sd3, out))
+    t1.run()
+    saved = lora_B(t1)
+    opt_state = t1.opt.state_dict()
+    t2 = Trainer(tiny_cfg(tiny_sd3, out, train__iterations=3))
+    assert t2.iteration == 2
+    for k, v in lora_B(t2).items():
+        assert torch.equal(v, saved[k])
+    s1, s2 = opt_state["state"], t2.opt.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    t2.run()
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in recs] == [1, 2, 3]
+
+
+def test_resume_refuses_a_different_config(tiny_sd3, tmp_path):
+    Trainer(tiny_cfg(tiny_sd3, tmp_path / "r", train__iterations=1)).run()
+    with pytest.raises(TrainingError, match="different config"):
+        Trainer(tiny_cfg(tiny_sd3, tmp_path / "r", train__lr=0.5))
+
+
+def test_nan_reward_skips_the_step_and_is_logged(tiny_sd3, tmp_path):
+    NaNFirst.calls, NaNFirst.bad = 0, 1  # the first rollout chunk of iteration 1 is NaN
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "n", rewards={"test_nan": 1.0}))
+    t.run()
+    recs = [json.loads(x) for x in (tmp_path / "n" / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["skipped"] == "non-finite reward" and recs[0]["nan_skipped"] == 1
+    assert "reward_mean" in recs[1] and "skipped" not in recs[1]
+    assert t.nan_skipped == 1
+
+
+def test_nan_reward_streak_stops_with_a_clear_error(tiny_sd3, tmp_path):
+    NaNFirst.calls, NaNFirst.bad = 0, 10 ** 6
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "n", rewards={"test_nan": 1.0}, train__iterations=5,
+                         train__max_nan_streak=3))
+    with pytest.raises(TrainingError, match="non-finite .* in 3 iterations in a row"):
+        t.run()
+
+
+def test_unknown_reward_and_missing_model(tiny_sd3, tmp_path):
+    with pytest.raises(RewardError, match="unknown reward 'pickscor'; known rewards: .*shapeworld"):
+        Trainer(tiny_cfg(tiny_sd3, tmp_path / "x", rewards={"pickscor": 1.0}))
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        Trainer(tiny_cfg(str(tmp_path / "nope"), tmp_path / "y"))
+
+
+def _cli(args, **env):
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **env)
+    return subprocess.run([sys.executable, "-m", "flowalign.cli", *args], capture_output=True, text=True, env=e,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_bad_inputs_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lrr: 1}\n")
+    r = _cli(["train", "--config", str(bad)])
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("flowalign: error: unknown key 'train.lrr'")
+    r = _cli(["eval", "--model", str(tmp_path / "missing"), "--benchmark", "shapeworld-geneval"])
+    assert r.returncode == 2 and "model directory not found" in r.stderr.strip().splitlines()[-1]
+    r = _cli(["eval", "--benchmark", "nope"])
+    assert r.returncode == 2 and "unknown benchmark 'nope'" in r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run_with_accelerate(tiny_sd3, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    import yaml
+    d = tiny_cfg(tiny_sd3, tmp_path / "ddp").to_dict()
+    d["rewards"] = {"jpeg_compressibility": 1.0}
+    d["sample"]["prompts_per_iter"] = 2
+    cfg.write_text(yaml.safe_dump(d))
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        str(ROOT / "flowalign" / "train.py"), "--config", str(cfg)],
+                       capture_output=True, text=True, env=e, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iteration"] for x in recs] == [1, 2]
+    assert (tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors").exists()
