@@ -71,8 +71,9 @@ class Trainer:
         self.params = params
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                 weight_decay=cfg.train.weight_decay)
+        # self.model is the (possibly DDP-wrapped) transformer; it is used for the policy forwards of training only
+        # (rollout and eval run the plain module: no gradient, no collective calls)
         self.model, self.opt = self.acc.prepare(self.adapter.transformer, opt)
-        self.adapter.forward_module = self.model  # the (possibly DDP-wrapped) module used for policy forwards
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay > 0 else None
         self.sigmas = self.adapter.schedule(cfg.sample.num_steps).to(self.acc.device)
         self.mask = sde_mask(cfg.sample.num_steps, cfg.sample.sde_steps)
@@ -151,15 +152,29 @@ class Trainer:
         n = len(keep)
         if n == 0:
             return {"trained_frac": 0.0}
+        self.adapter.forward_module = self.model
+        try:
+            self._train_passes(traj, adv, keep, steps, w, stats, gen)
+        finally:
+            self.adapter.forward_module = None
+        out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["trained_frac"] = n / len(traj)
+        out["ratio_dev"] = float(np.max(stats.get("ratio_dev", [0.0])))
+        return out
+
+    def _train_passes(self, traj, adv, keep, steps, w, stats, gen):
+        t = self.cfg.train
+        n = len(keep)
         for _ in range(t.inner_epochs):
             perm = keep[torch.randperm(n, generator=gen)]
             batches = perm.split(t.batch_size)
             for b, idx in enumerate(batches):
                 sub, a = traj.index(idx), adv[idx.to(adv.device)]
                 sync = (b + 1) % self.d.accumulation == 0 or b == len(batches) - 1
-                ctx = contextlib.nullcontext() if sync else self.acc.no_sync(self.model)
-                with ctx:
-                    for j in steps:
+                for j in steps:
+                    # gradients are all-reduced once per optimizer step: at the last backward before it
+                    last = sync and j == steps[-1]
+                    with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
                         out = replay_step(self.adapter, sub, j, kernel=self.cfg.sample.kernel)
                         kl = None
                         if self.algo.needs_reference:
@@ -177,10 +192,6 @@ class Trainer:
                     if gn is not None:
                         stats.setdefault("grad_norm", []).append(float(gn))
                     self.update_ema()
-        out = {k: float(np.mean(v)) for k, v in stats.items()}
-        out["trained_frac"] = n / len(traj)
-        out["ratio_dev"] = float(np.max(stats.get("ratio_dev", [0.0])))
-        return out
 
     def update_ema(self):
         if self.ema is None:
