@@ -7,7 +7,9 @@ A reward is called as ``reward(images, prompts, metadata=None) -> dict[str, Tens
 - returns named per-image scores of shape (B,); the key ``"reward"`` is the one training optimises, other keys
   are logged.
 A reward declares ``differentiable`` (gradients flow from the scores back to ``images``; ReNO needs that),
-its preferred input ``size`` and its device/dtype. Non-differentiable rewards run under ``torch.no_grad``.
+its preferred input ``size`` and its device/dtype. Non-differentiable rewards run under ``torch.no_grad``;
+differentiable ones too unless gradients are asked for (``grad=True``, or grad mode on and ``images``
+requiring grad).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def to_tensor(images) -> torch.Tensor:
             raise RewardError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         if not torch.is_floating_point(x):
             raise RewardError(f"image tensors must be float in [0, 1], got dtype {x.dtype}")
+        if x.numel() and not torch.isfinite(x.detach()).all():
+            raise RewardError("image values must be finite, got NaN or inf")
         if x.numel() and (x.detach().min() < -1e-3 or x.detach().max() > 1 + 1e-3):
             raise RewardError(f"image values must lie in [0, 1], got [{x.min().item():.3f}, {x.max().item():.3f}]"
                               " (decode with adapter.decode, which returns [0, 1])")
@@ -54,6 +58,20 @@ def to_tensor(images) -> torch.Tensor:
     if len({a.shape for a in arrs}) > 1:
         raise RewardError("images in one batch must have the same size")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float() / 255.0
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    """A torch dtype or its config spelling ("float32", "fp16", "bf16", "torch.bfloat16", ...)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise RewardError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -80,9 +98,12 @@ class Reward:
     size: int | None = None  # preferred square input size; None = any
     needs_metadata: bool = False
 
-    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 64):
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
+                 batch_size: int = 64):
         self.device = torch.device(device)
-        self.dtype = dtype
+        self.dtype = resolve_dtype(dtype)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise RewardError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
 
     def score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict] | None) -> dict[str, torch.Tensor]:
@@ -94,7 +115,11 @@ class Reward:
         check_batch(x, prompts, metadata)
         if self.needs_metadata and metadata is None:
             raise RewardError(f"reward {self.name!r} needs metadata (e.g. GenEval records), got none")
-        grad = self.differentiable and (torch.is_grad_enabled() if grad is None else grad)
+        # Build a graph only when it can be used: a differentiable reward, and either an explicit grad=True or
+        # grad mode on with an input that requires grad (the reward models' own parameters are frozen).
+        if grad is None:
+            grad = torch.is_grad_enabled() and x.requires_grad
+        grad = self.differentiable and grad
         prompts, metadata = list(prompts), (list(metadata) if metadata is not None else None)
         outs: list[dict[str, torch.Tensor]] = []
         with torch.set_grad_enabled(grad):
