@@ -159,12 +159,14 @@ class Trainer:
             self.adapter.forward_module = None
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out["trained_frac"] = n / len(traj)
-        out["ratio_dev"] = float(np.max(stats.get("ratio_dev", [0.0])))
+        for key in ("ratio_dev", "onpolicy_ratio_dev"):
+            out[key] = float(np.max(stats.get(key, [0.0])))
         return out
 
     def _train_passes(self, traj, adv, keep, steps, w, stats, gen):
         t = self.cfg.train
         n = len(keep)
+        stepped = False
         for _ in range(t.inner_epochs):
             perm = keep[torch.randperm(n, generator=gen)]
             batches = perm.split(t.batch_size)
@@ -185,7 +187,10 @@ class Trainer:
                         self.acc.backward(loss * w[j] / (len(steps) * self.d.accumulation))
                         for key, v in st.items():
                             stats.setdefault(key, []).append(v)
+                        if not stepped:  # before the first optimizer step the ratio must be exactly 1
+                            stats.setdefault("onpolicy_ratio_dev", []).append(st["ratio_dev"])
                 if sync:
+                    stepped = True
                     gn = self.acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
                     self.opt.step()
                     self.opt.zero_grad(set_to_none=True)

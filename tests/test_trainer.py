@@ -47,8 +47,11 @@ def tiny_cfg(model, out, **over):
          "eval": {"num_steps": 2, "n_per_task": 1},
          "run": {"output_dir": str(out), "checkpoint_every": 1}}
     for k, v in over.items():
-        sec, key = k.split("__")
-        d.setdefault(sec, {})[key] = v
+        if "__" in k:
+            sec, key = k.split("__")
+            d.setdefault(sec, {})[key] = v
+        else:
+            d[k] = v
     return load_config(d)
 
 
@@ -66,7 +69,8 @@ def test_two_iterations_train_and_write_everything(tiny_sd3, tmp_path):
     out = tmp_path / "run"
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in recs] == [1, 2]
-    assert recs[0]["ratio_dev"] < 1e-4  # first minibatch is on-policy
+    assert recs[0]["onpolicy_ratio_dev"] < 1e-5  # before the first optimizer step the ratio is 1
+    assert recs[0]["ratio_dev"] > recs[0]["onpolicy_ratio_dev"]  # the second update is off-policy
     for f in ["final/pytorch_lora_weights.safetensors", "checkpoints/latest", "reward_curve.png", "compare_test.png",
               "samples/base.png", "samples/final.png", "results.json", "report.md", "evals.jsonl", "config.json"]:
         assert (out / f).exists(), f
