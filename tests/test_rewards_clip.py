@@ -78,8 +78,9 @@ def test_preprocessing_parity_with_pil_processor(h, w, size, kind):
     ours = ImagePreprocess.from_image_processor(ip)(to_tensor([img]))
     assert ours.shape == ref.shape == (1, 3, size, size)
     diff = (ours - ref).abs()
-    # PIL rounds its result to uint8: at most half a level, divided by the smallest std (0.2613)
-    assert diff.max() < 0.6 / 255 / 0.2613 and diff.mean() < 0.006
+    # PIL rounds to uint8 after each of its two passes: about one grey level at most (/ the smallest std, 0.2613);
+    # a single float pass without the intermediate clip is off by up to ~15 levels on noise
+    assert diff.max() < 1.5 / 255 / 0.2613 and diff.mean() < 0.006
 
 
 def test_preprocessing_is_differentiable():
