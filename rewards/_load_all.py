@@ -1,2 +1,2 @@
 """Importing this module registers every reward (heavy dependencies are imported lazily inside them)."""
-from . import aesthetic, clipscore, geneval, hpsv2, imagereward, ocr, pickscore, shapeworld  # noqa: F401
+from . import aesthetic, clipscore, geneval, hpsv2, imagereward, jpeg, ocr, pickscore, shapeworld  # noqa: F401
