@@ -35,8 +35,8 @@ def to_tensor(images) -> torch.Tensor:
             raise RewardError(f"images must be (B, 3, H, W), got shape {tuple(images.shape)}")
         if not torch.is_floating_point(x):
             raise RewardError(f"image tensors must be float in [0, 1], got dtype {x.dtype}")
-        if x.numel() and not torch.isfinite(x.detach()).all():
-            raise RewardError("image values must be finite, got NaN or inf")
+        # NaN images (a diverged sampler) pass through on purpose: they give non-finite rewards, which the
+        # trainer detects and skips
         if x.numel() and (x.detach().min() < -1e-3 or x.detach().max() > 1 + 1e-3):
             raise RewardError(f"image values must lie in [0, 1], got [{x.min().item():.3f}, {x.max().item():.3f}]"
                               " (decode with adapter.decode, which returns [0, 1])")

@@ -41,7 +41,6 @@ def flat(value: float, n: int = 1, size: int = 16) -> torch.Tensor:
     (torch.rand(2, 8, 8), "must be (B, 3, H, W)"),
     (torch.rand(2, 3, 8, 8) * 255, "must lie in [0, 1]"),
     (torch.rand(2, 3, 8, 8) - 0.5, "must lie in [0, 1]"),
-    (torch.full((1, 3, 4, 4), float("nan")), "finite"),
     (torch.zeros(1, 3, 4, 4, dtype=torch.uint8), "float"),
     ([np.zeros((8, 8, 3), np.float32)], "uint8"),
     ([np.zeros((8, 8), np.uint8)], "HxWx3"),
@@ -65,6 +64,13 @@ def test_bad_batches_raise_one_line(prompts, meta, msg):
     with pytest.raises(RewardError) as e:
         Brightness()(torch.rand(2, 3, 8, 8), prompts, meta)
     assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_nan_images_give_nan_rewards_for_the_trainer_to_skip():
+    x = torch.rand(2, 3, 4, 4)
+    x[1, 0, 0, 0] = float("nan")
+    r = Brightness()(x, ["a", "b"])["reward"]
+    assert torch.isfinite(r[0]) and torch.isnan(r[1])
 
 
 def test_pil_uint8_and_tensor_inputs_agree():
