@@ -32,14 +32,14 @@ class PickScoreReward(Reward):
     name = "pickscore"
     differentiable = True
 
-    def __init__(self, path: str = "yuvalkirstain/PickScore_v1",
-                 processor: str | None = "auto", scale: str = "logit",
-                 device="cpu", dtype=torch.float32, batch_size: int = 32):
+    def __init__(self, path: str = "yuvalkirstain/PickScore_v1", processor: str | None = "auto",
+                 scale: str = "logit", device="cpu", dtype=torch.float32, batch_size: int = 32):
         super().__init__(device=device, dtype=dtype, batch_size=batch_size)
         if scale not in SCALES:
             raise RewardError(f"pickscore scale must be one of {', '.join(SCALES)}, got {scale!r}")
         self.scale = scale
-        self.clip = CLIPScorer.load(path, _auto_processor(path, processor), what="pickscore", device=self.device, dtype=self.dtype)
+        self.clip = CLIPScorer.load(path, _auto_processor(path, processor), what="pickscore", device=self.device,
+                                    dtype=self.dtype)
         self.size = self.clip.size
 
     @property
@@ -55,6 +55,7 @@ class PickScoreReward(Reward):
 
 
 @register("pickscore")
-def _build(path: str = "yuvalkirstain/PickScore_v1", processor: str | None = "auto", scale: str = "logit", device: str = "cpu", dtype="float32", batch_size: int = 32) -> PickScoreReward:
+def _build(path: str = "yuvalkirstain/PickScore_v1", processor: str | None = "auto", scale: str = "logit",
+           device: str = "cpu", dtype="float32", batch_size: int = 32) -> PickScoreReward:
     return PickScoreReward(path=path, processor=processor, scale=scale, device=device, dtype=dtype,
                            batch_size=batch_size)

@@ -242,7 +242,8 @@ def test_build_rewards_syntax():
     assert isinstance(weighted, WeightedSum)
     pw = build_rewards({"jpeg_incompressibility": {"pairwise": True, "tie_eps": 0.0}})
     assert isinstance(pw, Pairwise)
-    assert isinstance(build_rewards(["jpeg_compressibility", "jpeg_incompressibility"]), WeightedSum)
+    both = build_rewards(["jpeg_compressibility", "jpeg_incompressibility"], device="meta")
+    assert isinstance(both, WeightedSum) and all(r.device.type == "meta" for r in both.rewards.values())
 
 
 @pytest.mark.parametrize("spec, msg", [
