@@ -54,7 +54,7 @@ class Trainer:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
         self.adapter = load_adapter(resolve_model_path(cfg.model.path), cfg.model.family, dtype=dtype,
                                     device=self.acc.device)
-        self.reward = build_rewards(cfg.rewards)
+        self.reward = build_rewards(cfg.rewards, device=str(self.acc.device))
         self.train_meta = load_metadata(resolve_prompts(cfg.data.train))
         self.eval_sets = {"test": subsample(load_metadata(resolve_prompts(cfg.data.eval)), cfg.eval.n_per_task)}
         if cfg.data.eval_unseen:

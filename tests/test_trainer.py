@@ -162,3 +162,15 @@ def test_two_process_cpu_run_with_accelerate(tiny_sd3, tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [x["iteration"] for x in recs] == [1, 2]
     assert (tmp_path / "ddp" / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_cli_eval_prints_a_table_and_writes_json_and_grid(tiny_sd3, tmp_path):
+    r = _cli(["eval", "--model", tiny_sd3, "--benchmark", "shapeworld-geneval", "--n-per-task", "2", "--steps", "2",
+              "--out", str(tmp_path / "ev")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "| single_object |" in r.stdout and "| **overall** |" in r.stdout
+    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert res["n_per_task"] == {t: 2 for t in res["per_task"]} and len(res["per_task"]) == 6
+    from PIL import Image
+    assert Image.open(tmp_path / "ev" / "samples.png").size[1] > 6 * 32
