@@ -318,6 +318,9 @@ class Trainer:
                 adv, st = self.advantages(rew["reward"], groups)
                 rec.update(st)
                 rec.update(self.train_on(traj, adv, it))
+                for key, v in rew.items():  # components of a combined reward, a judge's 'correct', ...
+                    if key != "reward" and v.is_floating_point():
+                        rec[f"score/{key}"] = float(v.float().mean())
                 tags = [m["tag"] for m in traj.metadata]
                 for tg in sorted(set(tags)):
                     rec[f"reward/{tg}"] = float(rew["reward"][[x == tg for x in tags]].mean())

@@ -44,6 +44,7 @@ def test_overrides():
     cfg = load_config({}, ["train.lr=0.5", "sample.sde_steps=first:3", "rewards={jpeg_compressibility: 1.0}"])
     assert cfg.train.lr == 0.5 and cfg.sample.sde_steps == "first:3"
     assert cfg.rewards == {"jpeg_compressibility": 1.0}
+    assert load_config({}, ["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads this as a string
 
 
 def test_derived_numbers():
