@@ -11,9 +11,10 @@ Rules (GenEval's, with the differences an exact detector allows, each noted):
   idea for flat shapes.
 - the task score is the mean verdict over its images; ``overall`` is the unweighted mean of the tasks.
 
-``partial_credit`` is the dense version used as a reward (flow_grpo's reward server does the same):
-the mean over clause sub-scores of count (1 - |n-k|/k, floored at 0, only "at least" unless an exclude
-clause makes it exact), colour (fraction of the needed objects with the colour) and position (0/1).
+``partial`` is the dense version used as a reward, flow_grpo's reward-server rule: the mean over clause
+sub-scores of count (1 - |n-k|/k, floored at 0: extra objects of a named class cost as much as missing ones),
+colour (fraction of the needed objects with the colour) and position (0/1). An "at least" count would pay a
+policy for drawing more objects, which GenEval's exact counts and all-pairs position rule then punish.
 """
 from __future__ import annotations
 
@@ -98,15 +99,11 @@ def judge(meta: dict, dets: Sequence) -> tuple[bool, float]:
     terms: list[float] = []
     correct = True
     groups = []
-    exact = {c["class"]: c["count"] - 1 for c in meta.get("exclude", [])}
     for clause in meta["include"]:
         k = clause["count"]
         of_class, matched = _found(dets, clause)
         n = len(of_class)
-        if clause["class"] in exact and exact[clause["class"]] == k:
-            terms.append(max(0.0, 1 - abs(n - k) / k))
-        else:
-            terms.append(min(n, k) / k)
+        terms.append(max(0.0, 1 - abs(n - k) / k))
         if "color" in clause:
             terms.append(min(len(matched), k) / k)
         if len(matched) < k:

@@ -120,6 +120,14 @@ def test_evaluator_verdicts_on_hand_made_scenes():
     assert not judge(single, detect(_scene(("cross", "orange", 0.5, 0.5))))[0]
     assert judge(make_metadata("two_object", a="circle", b="cross"), [])[1] == 0.0
 
+    # GenEval counts "at least" (correct), the reward counts exactly: two circles for "a circle" earn nothing
+    one = make_metadata("single_object", shape="circle")
+    assert judge(one, detect(_scene(("circle", "red", 0.25, 0.3), ("circle", "blue", 0.7, 0.7)))) == (True, 0.0)
+    two = make_metadata("two_object", a="circle", b="square")
+    ok, partial = judge(two, detect(_scene(("circle", "red", 0.2, 0.2), ("circle", "blue", 0.75, 0.25),
+                                            ("square", "green", 0.5, 0.75))))
+    assert ok and partial == pytest.approx(0.5)
+
 
 def test_judge_accepts_detections_from_other_backends():
     d = [{"cls": "circle", "color": "red", "centroid": (0.2, 0.5), "score": 0.9, "bbox": (0.1, 0.4, 0.3, 0.6)},
