@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--benchmark", default="shapeworld-geneval")
     ap.add_argument("--n-per-task", type=int, default=100)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--shapeclip", default=None, help="shapeclip weights (default: the shipped ones)")
