@@ -8,9 +8,7 @@ steps, ``inner_epochs`` passes, ``updates_per_iter`` optimizer steps per pass ->
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import math
 import random
 import time
 from pathlib import Path

@@ -1,6 +1,5 @@
 """ShapeWorld: prompt files are GenEval metadata, the detector is right on renders, the evaluator's verdicts."""
 import json
-import random
 
 import numpy as np
 import pytest

@@ -112,15 +112,13 @@ def artifact_stats(img, max_dist: float = 90.0) -> dict[str, float]:
     (small components)."""
     img = np.asarray(img)
     H, W = img.shape[:2]
-    a = np.asarray(img, np.float32)[..., :3]
-    d = np.sqrt(((a[:, :, None, :] - _PALETTE[None, None]) ** 2).sum(-1)).min(-1)
-    off_palette = float((d > max_dist).mean())
-    lab, _ = label_pixels(img, max_dist)
+    lab, dist = label_pixels(img, max_dist)
+    off_palette = float((dist > max_dist).mean())
     fg = lab > 0
     kept = np.zeros_like(fg)
     speck = 0
-    for det_mask_color in range(1, len(_PALETTE)):
-        comp, n = ndimage.label(lab == det_mask_color)
+    for ci in range(1, len(_PALETTE)):
+        comp, n = ndimage.label(lab == ci)
         for j in range(1, n + 1):
             m = comp == j
             if m.sum() < 0.008 * H * W:
