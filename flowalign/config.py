@@ -98,7 +98,6 @@ class RunCfg:
     seed: int = 0
     checkpoint_every: int = 50
     resume: bool = True                 # continue from output_dir/checkpoints/latest when it exists
-    sample_grid_every: int = 0
 
 
 @dataclass
