@@ -75,7 +75,7 @@ def measure(adapter, metas, args, proxy, artifact=None) -> tuple[dict, np.ndarra
     return row, images
 
 
-def plot(rows: dict, path: Path) -> Path:
+def plot(rows: dict, path: Path, proxy: str = "shapeclip") -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,7 +92,7 @@ def plot(rows: dict, path: Path) -> Path:
     axes[0].set_ylim(0, 1)
     axes[0].legend(fontsize=7)
     for ax, key, title in [(axes[1], "judge_overall", "exact judge (overall)"),
-                           (axes[2], "proxy_mean", "proxy reward: shapeclip (mean)"),
+                           (axes[2], "proxy_mean", f"proxy reward: {proxy} (mean)"),
                            (axes[3], "artifact_rate", "artifact rate (artifact_stats)")]:
         ax.bar(names, [rows[n][key] for n in names], color=[f"C{i}" for i in range(len(names))])
         ax.set_title(title)
@@ -117,6 +117,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=200)
+    ap.add_argument("--proxy", default="shapeclip",
+                    help="the reward the runs were trained on, reported as 'proxy' (any registry name; default shapeclip)")
     ap.add_argument("--shapeclip", default=None, help="shapeclip weights (default: the shipped ones)")
     ap.add_argument("--artifact", default=None,
                     help="learned artifact reward weights (default: the shipped ones, if present; 'none': skip it)")
@@ -127,7 +129,7 @@ def main(argv=None) -> dict:
 
     from flowalign.rewards import RewardError, build_reward
 
-    proxy = build_reward("shapeclip", **({"path": args.shapeclip} if args.shapeclip else {}))
+    proxy = build_reward(args.proxy, **({"path": args.shapeclip} if args.shapeclip and args.proxy == "shapeclip" else {}))
     artifact = None
     if args.artifact != "none":
         try:
@@ -149,11 +151,11 @@ def main(argv=None) -> dict:
         del adapter
     report = {"rows": rows, "thresholds": ARTIFACT_THRESHOLDS, "benchmark": args.benchmark,
               "n_per_task": args.n_per_task, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-              "model": args.model, "runs": args.runs}
+              "model": args.model, "runs": args.runs, "proxy": args.proxy}
     (out / "hacking_report.json").write_text(json.dumps(report, indent=1))
     table = format_table({n: {"per_task": r["judge_per_task"], "overall": r["judge_overall"]} for n, r in rows.items()})
     summary = ["| | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows),
-               "| proxy (shapeclip) mean | " + " | ".join(f"{r['proxy_mean']:.3f}" for r in rows.values()) + " |",
+               f"| proxy ({args.proxy}) mean | " + " | ".join(f"{r['proxy_mean']:.3f}" for r in rows.values()) + " |",
                "| artifact rate | " + " | ".join(f"{r['artifact_rate']:.3f}" for r in rows.values()) + " |"]
     if artifact is not None:
         summary.append("| artifact reward mean | "
@@ -162,7 +164,7 @@ def main(argv=None) -> dict:
           f"{args.steps} steps, CFG {args.guidance}):\n\n{table}\n\n" + "\n".join(summary)
           + f"\n\nArtifact rate thresholds (detector.artifact_stats): {json.dumps(ARTIFACT_THRESHOLDS)}\n")
     (out / "hacking_report.md").write_text(md)
-    plot(rows, out / "hacking_report.png")
+    plot(rows, out / "hacking_report.png", args.proxy)
     print(md)
     return report
 

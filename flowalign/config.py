@@ -45,10 +45,13 @@ class SampleCfg:
     guidance: float = 2.0
     noise_level: float = 0.7
     kernel: Literal["sde", "cps"] = "sde"
+    noise_block: int = 1                           # SDE noise only in f x f block-constant latents (1: flow_grpo)
     sde_steps: Union[str, list] = "all_but_last"  # 'all', 'all_but_last', 'first:K' or a list of step indices
     prompts_per_iter: int = 16                     # distinct prompts per iteration (all processes together)
     group_size: int = 8                            # images per prompt
     batch_size: int = 64                           # rollout chunk per process
+    shared_noise: bool = False                     # one x_T per prompt group (DanceGRPO): outcome differences
+                                                   # then come only from the SDE steps, the actions trained on
 
 
 @dataclass
@@ -62,6 +65,8 @@ class TrainCfg:
     adv_clip: float = 5.0
     global_std: bool = False
     beta: float = 0.0                  # weight of the exact per-step Gaussian KL to the reference
+    cfg_grad: Literal["both", "cond"] = "both"  # with CFG: train through both branches (flow_grpo) or the
+                                                # conditional one only (the update then transfers across CFG scales)
     inner_epochs: int = 1
     batch_size: int = 64               # training minibatch per process
     updates_per_iter: int = 1          # optimizer steps per iteration and inner epoch
@@ -79,6 +84,8 @@ class DataCfg:
     train: str = "shapeworld:train"     # GenEval metadata .jsonl, or shapeworld:<train|test|test_unseen>
     eval: str = "shapeworld:test"
     eval_unseen: Union[str, None] = "shapeworld:test_unseen"
+    task_weights: Union[dict, None] = None  # {tag: weight}: how often each task's prompts are drawn (default equal;
+                                            # weight 0 leaves a task out of training, not out of evaluation)
 
 
 @dataclass
@@ -220,6 +227,11 @@ def validate(cfg: Config) -> Config:
         sde_mask(s.num_steps, s.sde_steps)
     except ValueError as e:
         raise ConfigError(f"sample.sde_steps: {e}") from None
+    tw = cfg.data.task_weights
+    if tw is not None:
+        if not tw or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in tw.values()) \
+                or not any(v > 0 for v in tw.values()):
+            raise ConfigError(f"data.task_weights: expected {{tag: weight >= 0}} with a positive weight, got {tw!r}")
     if not isinstance(cfg.rewards, dict) or not cfg.rewards:
         raise ConfigError("rewards: give at least one reward, e.g. {shapeworld: 1.0}")
     return cfg

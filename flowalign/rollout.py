@@ -25,6 +25,7 @@ class Trajectory:
     noise_level: float
     metadata: list | None = None
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
+    noise_block: int = 1                # SDE noise in f x f block-constant latents (see samplers.flow_sde_step)
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -56,6 +57,7 @@ class Trajectory:
             prompts=[p for t in trajs for p in t.prompts], cond=Cond.cat([t.cond for t in trajs]),
             latents=torch.cat([t.latents for t in trajs]), log_probs=torch.cat([t.log_probs for t in trajs]),
             sde_mask=t0.sde_mask, sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level,
+            noise_block=t0.noise_block,
             metadata=None if t0.metadata is None else [m for t in trajs for m in t.metadata],
             images=None if t0.images is None else torch.cat([t.images for t in trajs]))
 
@@ -82,7 +84,8 @@ def sde_mask(num_steps: int, spec: str | list[int] = "all_but_last") -> torch.Te
 @torch.no_grad()
 def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_level: float,
             mask: torch.Tensor, x: torch.Tensor | None = None, generator: torch.Generator | None = None,
-            prompts: list[str] | None = None, metadata=None, decode: bool = True, kernel: str = "sde") -> Trajectory:
+            prompts: list[str] | None = None, metadata=None, decode: bool = True, kernel: str = "sde",
+            noise_block: int = 1) -> Trajectory:
     B = len(cond)
     if x is None:
         x = adapter.init_noise(B, generator)
@@ -90,7 +93,8 @@ def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_le
     for i in range(sigmas.numel() - 1):
         if mask[i]:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-            out = adapter.step(x, sigmas, i, cond, guidance, noise_level, noise=noise, kernel=kernel)
+            out = adapter.step(x, sigmas, i, cond, guidance, noise_level, noise=noise, kernel=kernel,
+                               noise_block=noise_block)
             lps.append(out.log_prob.float())
         else:
             out = adapter.step(x, sigmas, i, cond, guidance, 0.0)
@@ -100,13 +104,14 @@ def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_le
     images = adapter.decode(x) if decode else None
     return Trajectory(prompts=list(prompts) if prompts is not None else [""] * B, cond=cond,
                       latents=torch.stack(xs, 1), log_probs=torch.stack(lps, 1), sde_mask=mask.clone(),
-                      sigmas=sigmas, guidance=guidance, noise_level=noise_level, metadata=metadata, images=images)
+                      sigmas=sigmas, guidance=guidance, noise_level=noise_level, metadata=metadata, images=images,
+                      noise_block=noise_block)
 
 
 def replay_step(adapter, traj: Trajectory, i: int, kernel: str = "sde"):
     """Score transition i of the stored trajectories under the adapter's current weights (with gradients)."""
     return adapter.step(traj.latents[:, i], traj.sigmas, i, traj.cond, traj.guidance, traj.noise_level,
-                        next_x=traj.latents[:, i + 1], kernel=kernel)
+                        next_x=traj.latents[:, i + 1], kernel=kernel, noise_block=traj.noise_block)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 from flowalign import checkpoint as ckpt
 from flowalign.algorithms import ALGORITHMS
-from flowalign.config import Config, Derived
+from flowalign.config import Config, ConfigError, Derived
 from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask
 from flowalign.samplers import flow_sde_std, gaussian_kl
 
@@ -54,6 +54,13 @@ class Trainer:
                                     device=self.acc.device)
         self.reward = build_rewards(cfg.rewards, device=str(self.acc.device))
         self.train_meta = load_metadata(resolve_prompts(cfg.data.train))
+        self.by_task: dict[str, list[int]] = {}
+        for j, m in enumerate(self.train_meta):
+            self.by_task.setdefault(m.get("tag", "prompt"), []).append(j)
+        tw = cfg.data.task_weights
+        if tw and set(tw) - set(self.by_task):
+            raise ConfigError(f"data.task_weights: no training prompts with tag(s) {sorted(set(tw) - set(self.by_task))}"
+                              f"; the training set has {sorted(self.by_task)}")
         self.eval_sets = {"test": subsample(load_metadata(resolve_prompts(cfg.data.eval)), cfg.eval.n_per_task)}
         if cfg.data.eval_unseen:
             self.eval_sets["unseen"] = subsample(load_metadata(resolve_prompts(cfg.data.eval_unseen)), cfg.eval.n_per_task)
@@ -67,6 +74,7 @@ class Trainer:
         if cfg.model.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         self.params = params
+        self.adapter.cfg_grad = cfg.train.cfg_grad
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                 weight_decay=cfg.train.weight_decay)
         # self.model is the (possibly DDP-wrapped) transformer; it is used for the policy forwards of training only
@@ -92,11 +100,14 @@ class Trainer:
     def prompts_for(self, it: int) -> tuple[list[int], list[dict]]:
         """Global prompt ids for this iteration (identical on every process), this process's slice."""
         rng = random.Random(self.cfg.run.seed * 1_000_003 + it)
-        by_task: dict[str, list[int]] = {}
-        for j, m in enumerate(self.train_meta):
-            by_task.setdefault(m["tag"], []).append(j)
+        by_task = self.by_task
         tasks = sorted(by_task)
-        chosen = [rng.choice(by_task[rng.choice(tasks)]) for _ in range(self.cfg.sample.prompts_per_iter)]
+        tw = self.cfg.data.task_weights
+
+        def task() -> str:
+            return rng.choices(tasks, [float(tw.get(t, 0.0)) for t in tasks])[0] if tw else rng.choice(tasks)
+
+        chosen = [rng.choice(by_task[task()]) for _ in range(self.cfg.sample.prompts_per_iter)]
         ids = [(g, pid) for g, pid in enumerate(chosen) for _ in range(self.cfg.sample.group_size)]
         rng.shuffle(ids)
         lo = self.acc.process_index * self.d.samples_per_process
@@ -110,12 +121,17 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + self.acc.process_index)
         trajs, rewards = [], []
         s = self.cfg.sample
+        x_T = None
+        if s.shared_noise:  # drawn from a generator seeded identically on every process: groups split across
+            shared = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + 7)  # ranks stay whole
+            x_T = self.adapter.init_noise(s.prompts_per_iter, shared)[torch.tensor(groups)]
         for k in range(0, len(metas), s.batch_size):
             mb = metas[k:k + s.batch_size]
             prompts = [m["prompt"] for m in mb]
             cond = self.adapter.encode(prompts, negative="" if s.guidance > 1 else None)
             tr = rollout(self.adapter, cond, self.sigmas, s.guidance, s.noise_level, self.mask, generator=gen,
-                         prompts=prompts, metadata=mb, kernel=s.kernel)
+                         x=None if x_T is None else x_T[k:k + s.batch_size],
+                         prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block)
             rewards.append(self.reward(tr.images, prompts, mb))
             trajs.append(tr)
         traj = Trajectory.cat(trajs)

@@ -38,6 +38,7 @@ class SD3Adapter:
         self._ref_module: torch.nn.Module | None = None  # frozen copy (full fine-tuning)
         self._use_ref = False
         self.forward_module: torch.nn.Module | None = None  # the trainer's wrapped transformer (DDP), if any
+        self.cfg_grad = "both"  # "cond": with CFG, training gradients flow through the conditional branch only
         self.lora_config = None
 
     # ------------------------------------------------------------------------------------------ loading
@@ -106,6 +107,16 @@ class SD3Adapter:
         B = x.shape[0]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B) * 1000
         use_cfg = guidance > 1.0 and cond.neg_embeds is not None
+        if use_cfg and self.cfg_grad == "cond" and torch.is_grad_enabled():
+            # gradients through the conditional branch only: the unconditional prediction is prompt-agnostic, and
+            # training it couples the update to the CFG scale used in training (see ARCHITECTURE.md)
+            with torch.no_grad():
+                plain = self.transformer if not self._use_ref else model
+                u = plain(hidden_states=x, timestep=t, encoder_hidden_states=cond.neg_embeds,
+                          pooled_projections=cond.neg_pooled, return_dict=False)[0].float()
+            c = model(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
+                      return_dict=False)[0].float()
+            return u + guidance * (c - u)
         if use_cfg:
             out = model(hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
                         encoder_hidden_states=torch.cat([cond.neg_embeds, cond.embeds]),
@@ -117,7 +128,7 @@ class SD3Adapter:
 
     def step(self, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Cond, guidance: float = 1.0,
              noise_level: float = 0.0, next_x: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             kernel: str = "sde") -> samplers.StepOutput:
+             kernel: str = "sde", noise_block: int = 1) -> samplers.StepOutput:
         """Step i (sigma_i -> sigma_{i+1}); ODE when noise_level == 0; samples when next_x is None, otherwise
         scores the stored transition (rollout and replay are the same code)."""
         v = self.predict(x, sigmas[i], cond, guidance)
@@ -126,7 +137,7 @@ class SD3Adapter:
         if kernel == "cps":
             return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
         return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
-                                      noise=noise, next_x=next_x)
+                                      noise=noise, next_x=next_x, noise_block=noise_block)
 
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         cfg = self.vae.config

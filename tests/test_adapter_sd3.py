@@ -120,3 +120,34 @@ def test_missing_model_directory_is_a_clear_error(tmp_path):
 def test_cond_index_and_cat():
     c = Cond(torch.arange(6.).view(3, 2), torch.arange(3.).view(3, 1))
     assert torch.equal(Cond.cat([c.index([0]), c.index([2])]).embeds, torch.tensor([[0., 1.], [4., 5.]]))
+
+
+def test_cfg_grad_cond_keeps_the_value_and_trains_only_the_conditional_branch(tiny_adapter):
+    """cfg_grad='cond': the same CFG velocity, and its gradient equals guidance x the gradient of the conditional
+    prediction alone (the unconditional branch is treated as a constant)."""
+    ad = tiny_adapter
+    params = ad.full_finetune()
+    cond = ad.encode(PROMPTS, negative="")
+    x = ad.init_noise(2, torch.Generator().manual_seed(0))
+    g = 2.5
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        fn().sum().backward()
+        return torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+
+    try:
+        both = ad.predict(x, 0.6, cond, g)
+        ad.cfg_grad = "cond"
+        only = ad.predict(x, 0.6, cond, g)
+        assert torch.allclose(both, only, atol=1e-5)
+        g_cond = grads(lambda: ad.predict(x, 0.6, cond, g))
+        ad.cfg_grad = "both"
+        g_both = grads(lambda: ad.predict(x, 0.6, cond, g))
+        g_c = grads(lambda: ad.predict(x, 0.6, Cond(cond.embeds, cond.pooled), 1.0))
+    finally:
+        ad.cfg_grad = "both"
+        ad.transformer.requires_grad_(False)
+    assert torch.allclose(g_cond, g * g_c, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(g_both, g_cond, rtol=1e-3, atol=1e-6)

@@ -85,6 +85,37 @@ def test_sde_keeps_the_marginals_on_gaussian_data(noise_level):
     assert x.std().item() == pytest.approx(s, abs=0.02)
 
 
+def test_block_noise_keeps_the_marginals_and_adds_no_correlation():
+    """Noise only in 2x2 block means (noise_block=2): pixels of N(m, s^2) data must keep their marginals, and two
+    pixels of a block, independent in the data, must stay uncorrelated (an unprojected score term would not)."""
+    m, s, n, steps = 1.5, 0.5, 100_000, 200
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)
+    sig = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    for i in range(steps):
+        v = _gaussian_velocity(x, sig[i], m, s)
+        x = samplers.flow_sde_step(x, v, sig[i], sig[i + 1], 1.0, sigma_cap=float(sig[1]), noise_block=2,
+                                   noise=torch.randn(n, 1, 2, 2, generator=g, dtype=torch.float64)).next
+    px = x.view(n, 4)
+    assert px.mean(0).tolist() == pytest.approx([m] * 4, abs=0.02)
+    assert px.std(0).tolist() == pytest.approx([s] * 4, abs=0.02)
+    assert torch.corrcoef(px.T)[0, 1].item() == pytest.approx(0.0, abs=0.02)
+
+
+def test_block_noise_log_prob_by_hand():
+    """With noise_block=2 the step moves only the block mean; its log-prob is the density of z = 2 * blockmean / std
+    (one coordinate per 2x2 block)."""
+    x, v = torch.zeros(1, 1, 2, 2, dtype=torch.float64), torch.ones(1, 1, 2, 2, dtype=torch.float64)
+    noise = torch.tensor([[[[1.0, 3.0], [-1.0, 1.0]]]], dtype=torch.float64)  # block mean 1.0
+    out = samplers.flow_sde_step(x, v, 0.6, 0.5, 0.7, noise=noise, noise_block=2)
+    std = out.std.item()
+    assert torch.allclose(out.next - out.mean, torch.full_like(x, std * 1.0))  # every pixel moved by the mean
+    z = 2 * 1.0 * std / std
+    assert out.log_prob.item() == pytest.approx(-z ** 2 / 2 - math.log(std) - 0.5 * math.log(2 * math.pi), rel=1e-9)
+    rescored = samplers.flow_sde_step(x, v, 0.6, 0.5, 0.7, next_x=out.next, noise_block=2)
+    assert rescored.log_prob.item() == pytest.approx(out.log_prob.item(), rel=1e-12)
+
+
 def test_gaussian_kl_formula_and_zero():
     mp, mq = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.5]])
     std = torch.tensor(0.5)
