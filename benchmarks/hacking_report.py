@@ -1,10 +1,11 @@
-"""Reward-hacking report: base model vs runs trained on a learned proxy (``shapeclip``, with or without the
-``artifact`` penalty), judged by the exact ShapeWorld judge and an independent artifact measure.
+"""Reward-hacking report: base model vs runs trained on a hackable reward (``--proxy``: the learned ``shapeclip``
+by default, or e.g. ``jpeg_incompressibility``), with or without the ``artifact`` penalty, judged by the exact
+ShapeWorld judge and an independent artifact measure.
 
 For the base model and every run directory (its ``final/`` weights: LoRA via ``pipe.load_lora_weights`` or a full
 ``final/transformer``), on the held-out test prompts with the same per-record noises (``eval.benchmark.evaluate``):
 - the exact judge's accuracy per task and overall (GenEval rules + exact detector);
-- the proxy reward (``shapeclip``) mean over the generated images;
+- the proxy reward (``--proxy``) mean over the generated images;
 - the artifact rate: the fraction of images that ``flowalign.shapeworld.artifacts.is_artifact`` flags from
   ``detector.artifact_stats`` (off-palette pixel fraction > 0.08, or unexplained foreground > 0.05, or more than
   2 speckles; thresholds chosen so clean renders are 0% artifacts, see ``ARTIFACT_THRESHOLDS``);
@@ -12,7 +13,7 @@ For the base model and every run directory (its ``final/`` weights: LoRA via ``p
 Hacking shows up as the proxy going up while the judge stays flat or drops and the artifact rate rises.
 
 usage: python benchmarks/hacking_report.py runs/hack_shapeclip runs/hack_shapeclip_artifact \
-           [--model DIR] [--n-per-task 100] [--steps 20] [--guidance 2.0] [--out runs/hacking_report]
+           [--proxy shapeclip] [--model DIR] [--n-per-task 100] [--steps 20] [--guidance 3.0] [--out runs/hacking_report]
 Writes ``hacking_report.json``, ``hacking_report.md`` and ``hacking_report.png`` to ``--out``.
 """
 from __future__ import annotations
@@ -32,20 +33,9 @@ from flowalign.shapeworld.detector import artifact_stats
 
 
 def load_run(model_dir, run_dir):
-    """The base adapter with a run's final weights applied."""
+    """The base adapter with a run's final weights applied (LoRA or a full transformer)."""
     adapter = load_adapter(model_dir)
-    final = Path(run_dir) / "final"
-    if (final / "transformer").is_dir():
-        from diffusers import SD3Transformer2DModel
-
-        tr = SD3Transformer2DModel.from_pretrained(str(final / "transformer")).to(adapter.device).eval()
-        adapter.pipe.transformer = tr
-        adapter.transformer = tr
-    elif final.is_dir() and any(final.glob("*.safetensors")):
-        adapter.pipe.load_lora_weights(str(final))
-    else:
-        raise FileNotFoundError(f"{run_dir}: no final weights (expected {final}/transformer or LoRA .safetensors in "
-                                f"{final}); has the run finished?")
+    adapter.load_trained(Path(run_dir) / "final")
     return adapter
 
 
@@ -90,7 +80,7 @@ def plot(rows: dict, path: Path, proxy: str = "shapeclip") -> Path:
     axes[0].set_xticks(np.arange(len(tasks)) + 0.4 - w / 2, tasks, rotation=30, ha="right")
     axes[0].set_title("exact judge accuracy per task")
     axes[0].set_ylim(0, 1)
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=len(names), frameon=False)
     for ax, key, title in [(axes[1], "judge_overall", "exact judge (overall)"),
                            (axes[2], "proxy_mean", f"proxy reward: {proxy} (mean)"),
                            (axes[3], "artifact_rate", "artifact rate (artifact_stats)")]:
@@ -98,7 +88,7 @@ def plot(rows: dict, path: Path, proxy: str = "shapeclip") -> Path:
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
         for j, n in enumerate(names):
-            ax.text(j, rows[n][key], f"{rows[n][key]:.3f}", ha="center", va="bottom", fontsize=8)
+            ax.text(j, rows[n][key], f"{rows[n][key]:.4g}", ha="center", va="bottom", fontsize=8)
     axes[3].set_ylim(0, 1.1)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +99,7 @@ def plot(rows: dict, path: Path, proxy: str = "shapeclip") -> Path:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories (each with final/)")
+    ap.add_argument("runs", nargs="*", help="run directories (each with final/)")
     ap.add_argument("--model", default=str(MODEL_DIR), help="the base model (default: the shipped ShapeWorld model)")
     ap.add_argument("--benchmark", default="shapeworld-geneval")
     ap.add_argument("--n-per-task", type=int, default=100)
@@ -124,7 +114,15 @@ def main(argv=None) -> dict:
                     help="learned artifact reward weights (default: the shipped ones, if present; 'none': skip it)")
     ap.add_argument("--out", default="runs/hacking_report")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-json", default=None, help="redraw the .md/.png of an existing hacking_report.json")
     args = ap.parse_args(argv)
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        report.setdefault("proxy", "shapeclip")
+        write_outputs(report, Path(args.from_json).parent)
+        return report
+    if not args.runs:
+        ap.error("give one or more run directories (or --from-json REPORT)")
     torch.set_num_threads(args.threads)
 
     from flowalign.rewards import RewardError, build_reward
@@ -146,27 +144,33 @@ def main(argv=None) -> dict:
         adapter = load_adapter(args.model) if run is None else load_run(args.model, run)
         rows[name], _ = measure(adapter, metas, args, proxy, artifact)
         r = rows[name]
-        print(f"{name}: judge {r['judge_overall']:.3f}  proxy {r['proxy_mean']:.3f}  "
+        print(f"{name}: judge {r['judge_overall']:.3f}  proxy {r['proxy_mean']:.4g}  "
               f"artifact rate {r['artifact_rate']:.3f}", flush=True)
         del adapter
     report = {"rows": rows, "thresholds": ARTIFACT_THRESHOLDS, "benchmark": args.benchmark,
               "n_per_task": args.n_per_task, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
               "model": args.model, "runs": args.runs, "proxy": args.proxy}
+    write_outputs(report, out)
+    return report
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    """hacking_report.json / .md / .png from the measured rows (``--from-json`` redraws them without measuring)."""
+    rows, proxy = report["rows"], report["proxy"]
     (out / "hacking_report.json").write_text(json.dumps(report, indent=1))
     table = format_table({n: {"per_task": r["judge_per_task"], "overall": r["judge_overall"]} for n, r in rows.items()})
     summary = ["| | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows),
-               f"| proxy ({args.proxy}) mean | " + " | ".join(f"{r['proxy_mean']:.3f}" for r in rows.values()) + " |",
+               f"| proxy ({proxy}) mean | " + " | ".join(f"{r['proxy_mean']:.4g}" for r in rows.values()) + " |",
                "| artifact rate | " + " | ".join(f"{r['artifact_rate']:.3f}" for r in rows.values()) + " |"]
-    if artifact is not None:
+    if all("artifact_reward_mean" in r for r in rows.values()):
         summary.append("| artifact reward mean | "
                        + " | ".join(f"{r['artifact_reward_mean']:.3f}" for r in rows.values()) + " |")
-    md = (f"# Reward hacking report\n\nExact judge accuracy ({args.benchmark}, {args.n_per_task} prompts per task, "
-          f"{args.steps} steps, CFG {args.guidance}):\n\n{table}\n\n" + "\n".join(summary)
-          + f"\n\nArtifact rate thresholds (detector.artifact_stats): {json.dumps(ARTIFACT_THRESHOLDS)}\n")
+    md = (f"# Reward hacking report\n\nExact judge accuracy ({report['benchmark']}, {report['n_per_task']} prompts "
+          f"per task, {report['steps']} steps, CFG {report['guidance']}):\n\n{table}\n\n" + "\n".join(summary)
+          + f"\n\nArtifact rate thresholds (detector.artifact_stats): {json.dumps(report['thresholds'])}\n")
     (out / "hacking_report.md").write_text(md)
-    plot(rows, out / "hacking_report.png", args.proxy)
+    plot(rows, out / "hacking_report.png", proxy)
     print(md)
-    return report
 
 
 if __name__ == "__main__":

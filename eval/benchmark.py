@@ -121,13 +121,14 @@ def save_grid(images: np.ndarray, metadata: list[dict], path, per_task: int = 8,
 
 def run(model: str, benchmark: str, out_dir, num_steps: int = 20, guidance: float = 2.0, seed: int = 1000,
         n_per_task: int | None = None, batch_size: int = 200, lora: str | None = None) -> dict:
-    """`flowalign eval`: load, generate, score, write JSON + sample grid; returns the result."""
+    """`flowalign eval`: load, generate, score, write JSON + sample grid; returns the result. ``lora``: a run's
+    ``final/`` directory (LoRA weights or a full ``transformer/``) applied on top of ``model``."""
     from flowalign.pipelines.base import load_adapter
 
     metadata = subsample(benchmark_metadata(benchmark), n_per_task)
     adapter = load_adapter(model)
     if lora:
-        adapter.pipe.load_lora_weights(lora)
+        adapter.load_trained(lora)
     res, images = evaluate(adapter, metadata, num_steps, guidance, seed, batch_size, progress=True)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

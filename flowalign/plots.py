@@ -29,7 +29,7 @@ def reward_curve(metrics_path, out_path, evals: list[dict] | None = None) -> Pat
     ax.set_xlabel("iteration")
     ax.set_ylabel("score")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)  # below: never over the data
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

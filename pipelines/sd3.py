@@ -208,3 +208,19 @@ class SD3Adapter:
                 transformer_lora_adapter_metadata=self.lora_config.to_dict())
         else:
             self.transformer.save_pretrained(str(directory / "transformer"))
+
+    def load_trained(self, directory) -> None:
+        """Apply what ``save_trained`` wrote (a run's ``final/``): LoRA weights, or a full ``transformer/``."""
+        from flowalign.pipelines.base import ModelLoadError
+
+        directory = Path(directory)
+        if (directory / "transformer").is_dir():
+            from diffusers import SD3Transformer2DModel
+
+            tr = SD3Transformer2DModel.from_pretrained(str(directory / "transformer"), torch_dtype=self.transformer.dtype)
+            self.transformer = self.pipe.transformer = tr.to(self.device).eval().requires_grad_(False)
+        elif directory.is_dir() and any(directory.glob("*.safetensors")):
+            self.pipe.load_lora_weights(str(directory))
+        else:
+            raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/transformer/ (full "
+                                 f"fine-tuning) or LoRA .safetensors (a run's final/ directory)")

@@ -151,3 +151,31 @@ def test_cfg_grad_cond_keeps_the_value_and_trains_only_the_conditional_branch(ti
         ad.transformer.requires_grad_(False)
     assert torch.allclose(g_cond, g * g_c, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(g_both, g_cond, rtol=1e-3, atol=1e-6)
+
+
+def test_load_trained_applies_a_full_finetune_or_lora_and_names_a_missing_dir(tiny_sd3, tmp_path):
+    ad = SD3Adapter.from_pretrained(tiny_sd3)
+    params = ad.full_finetune()
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.02 * torch.randn_like(p))
+    ad.save_trained(tmp_path / "full")
+    cond, xT = ad.encode(PROMPTS, negative=""), ad.init_noise(2, torch.Generator().manual_seed(1))
+    trained = sample_ode(ad, cond, 3, 2.0, xT.clone())
+    fresh = SD3Adapter.from_pretrained(tiny_sd3)
+    base = sample_ode(fresh, cond, 3, 2.0, xT.clone())
+    fresh.load_trained(tmp_path / "full")
+    assert not torch.allclose(base, trained, atol=1e-3)
+    assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), trained, atol=1e-5)
+    lo = SD3Adapter.from_pretrained(tiny_sd3)
+    lp = lo.add_lora(rank=4, alpha=8)
+    with torch.no_grad():
+        for p in lp:
+            p.add_(0.05 * torch.randn_like(p))
+    lo.save_trained(tmp_path / "lora")
+    want = sample_ode(lo, cond, 3, 2.0, xT.clone())
+    other = SD3Adapter.from_pretrained(tiny_sd3)
+    other.load_trained(tmp_path / "lora")
+    assert torch.allclose(sample_ode(other, cond, 3, 2.0, xT.clone()), want, atol=1e-5)
+    with pytest.raises(ModelLoadError, match="no trained weights in .*nothing"):
+        other.load_trained(tmp_path / "nothing")

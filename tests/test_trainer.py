@@ -39,8 +39,8 @@ register("test_brightness")(lambda: Brightness())
 register("test_nan")(lambda: NaNFirst())
 
 
-def tiny_cfg(model, out, **over):
-    d = {"model": {"path": model, "lora": {"rank": 4, "alpha": 8}},
+def tiny_cfg(model_path, out, **over):
+    d = {"model": {"path": model_path, "lora": {"rank": 4, "alpha": 8}},
          "sample": {"num_steps": 4, "prompts_per_iter": 2, "group_size": 4, "batch_size": 8},
          "train": {"iterations": 2, "lr": 1e-2, "batch_size": 4, "updates_per_iter": 2, "beta": 0.01},
          "rewards": {"test_brightness": 1.0},
@@ -207,9 +207,9 @@ def test_a_smooth_reward_climbs_on_the_shapeworld_model(tmp_path):
     """The real 2.3 M-param ShapeWorld model, Flow-GRPO on mean brightness for 12 iterations: the reward rises."""
     cfg = tiny_cfg("shapeworld", tmp_path / "run", model={"path": "shapeworld", "lora": {"enabled": False}},
                    sample={"num_steps": 6, "prompts_per_iter": 4, "group_size": 8, "batch_size": 32},
-                   train={"iterations": 12, "lr": 3e-4, "batch_size": 32, "beta": 0.0},
+                   train={"iterations": 12, "lr": 1e-3, "batch_size": 32, "beta": 0.0},
                    eval={"num_steps": 2, "n_per_task": 1}, run={"output_dir": str(tmp_path / "run"),
                                                                   "checkpoint_every": 0})
     Trainer(cfg).run()
     r = [json.loads(x)["reward_mean"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.01, r
+    assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.02, r  # measured: 0.850 -> 0.895
