@@ -211,6 +211,9 @@ def validate(cfg: Config) -> Config:
                    ("train.weight_decay", t.weight_decay), ("eval.every", cfg.eval.every),
                    ("run.checkpoint_every", cfg.run.checkpoint_every)]:
         _positive(key, v, allow_zero=True)
+    if s.noise_block < 1 or (s.noise_block > 1 and s.kernel != "sde"):
+        raise ConfigError(f"sample.noise_block: must be >= 1, and > 1 only with sample.kernel: sde "
+                          f"(got {s.noise_block} with kernel {s.kernel!r})")
     if s.group_size < 2:
         raise ConfigError(f"sample.group_size: GRPO needs at least 2 images per prompt, got {s.group_size}")
     if not 0 < t.timestep_fraction <= 1:

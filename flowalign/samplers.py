@@ -87,6 +87,8 @@ def block_project(y: torch.Tensor, f: int) -> torch.Tensor:
     """P y: each f x f spatial block replaced by its mean (an orthogonal projection; identity for f = 1)."""
     if f == 1:
         return y
+    if y.shape[-1] % f or y.shape[-2] % f:
+        raise ValueError(f"noise_block {f} does not divide the latent size {tuple(y.shape[-2:])}")
     return torch.repeat_interleave(torch.repeat_interleave(
         torch.nn.functional.avg_pool2d(y, f), f, dim=-2), f, dim=-1)
 

@@ -25,6 +25,9 @@ def test_shipped_configs_load(path):
     ({"model": {"lora": {"rank": 1.5}}}, r"model.lora.rank: expected an integer"),
     ({"train": {"train_steps": "last:2"}}, r"train.train_steps: use 'sde' or 'first:K'"),
     ({"rewards": {}}, r"rewards: give at least one reward"),
+    ({"sample": {"noise_block": 0}}, r"sample.noise_block: must be >= 1"),
+    ({"sample": {"noise_block": 2, "kernel": "cps"}}, r"sample.noise_block: .* only with sample.kernel: sde"),
+    ({"train": {"cfg_grad": "uncond"}}, r"train.cfg_grad: 'uncond' is not allowed"),
 ])
 def test_bad_values_name_the_key(d, msg):
     with pytest.raises(ConfigError, match=msg):

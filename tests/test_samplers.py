@@ -114,6 +114,8 @@ def test_block_noise_log_prob_by_hand():
     assert out.log_prob.item() == pytest.approx(-z ** 2 / 2 - math.log(std) - 0.5 * math.log(2 * math.pi), rel=1e-9)
     rescored = samplers.flow_sde_step(x, v, 0.6, 0.5, 0.7, next_x=out.next, noise_block=2)
     assert rescored.log_prob.item() == pytest.approx(out.log_prob.item(), rel=1e-12)
+    with pytest.raises(ValueError, match=r"noise_block 3 does not divide the latent size \(2, 2\)"):
+        samplers.flow_sde_step(x, v, 0.6, 0.5, 0.7, noise=noise, noise_block=3)
 
 
 def test_gaussian_kl_formula_and_zero():
