@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     e.add_argument("--benchmark", default="shapeworld-geneval")
     e.add_argument("--out", default="runs/eval")
     e.add_argument("--trained", "--lora", dest="lora", default=None,
-                   help="a run's final/ directory to apply on top: LoRA weights (diffusers format) or transformer/")
+                   help="a run's final/ directory to apply on top (LoRA weights or transformer/), or a full "
+                        "fine-tuning checkpoint (runs/X/checkpoints/iter_N)")
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=2.0)
     e.add_argument("--seed", type=int, default=1000)

@@ -210,11 +210,24 @@ class SD3Adapter:
             self.transformer.save_pretrained(str(directory / "transformer"))
 
     def load_trained(self, directory) -> None:
-        """Apply what ``save_trained`` wrote (a run's ``final/``): LoRA weights, or a full ``transformer/``."""
+        """Apply what ``save_trained`` wrote (a run's ``final/``: LoRA weights, or a full ``transformer/``), or a full
+        fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
         from flowalign.pipelines.base import ModelLoadError
 
         directory = Path(directory)
-        if (directory / "transformer").is_dir():
+        if (directory / "meta.json").is_file() and (directory / "model.safetensors").is_file():
+            # a trainer checkpoint (checkpoints/iter_N): the trainable weights of a full fine-tuning run
+            from safetensors.torch import load_file
+
+            weights = load_file(str(directory / "model.safetensors"))
+            if any("lora_" in k for k in weights):
+                raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ "
+                                     f"directory, or resume the run to write one")
+            res = self.transformer.load_state_dict(weights, strict=False)
+            if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
+                raise ModelLoadError(f"{directory}: checkpoint weights do not fit this transformer "
+                                     f"({len(res.unexpected_keys)} unexpected, {len(res.missing_keys)} missing)")
+        elif (directory / "transformer").is_dir():
             from diffusers import SD3Transformer2DModel
 
             tr = SD3Transformer2DModel.from_pretrained(str(directory / "transformer"), torch_dtype=self.transformer.dtype)

@@ -179,3 +179,25 @@ def test_load_trained_applies_a_full_finetune_or_lora_and_names_a_missing_dir(ti
     assert torch.allclose(sample_ode(other, cond, 3, 2.0, xT.clone()), want, atol=1e-5)
     with pytest.raises(ModelLoadError, match="no trained weights in .*nothing"):
         other.load_trained(tmp_path / "nothing")
+
+
+def test_load_trained_reads_a_full_finetune_checkpoint_and_refuses_a_lora_one(tiny_sd3, tmp_path):
+    from flowalign.checkpoint import save_checkpoint
+
+    ad = SD3Adapter.from_pretrained(tiny_sd3)
+    params = ad.full_finetune()
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.02 * torch.randn_like(p))
+    names = {id(p): n for n, p in ad.transformer.named_parameters()}
+    save_checkpoint(tmp_path, "iter_000002", {names[id(p)]: p for p in params}, {}, {"iteration": 2})
+    cond, xT = ad.encode(PROMPTS, negative=""), ad.init_noise(2, torch.Generator().manual_seed(1))
+    fresh = SD3Adapter.from_pretrained(tiny_sd3)
+    fresh.load_trained(tmp_path / "iter_000002")
+    assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), sample_ode(ad, cond, 3, 2.0, xT.clone()),
+                          atol=1e-5)
+    lo = SD3Adapter.from_pretrained(tiny_sd3)
+    lp = {n: p for n, p in lo.transformer.named_parameters() if p.requires_grad} if lo.add_lora(4, 8) else {}
+    save_checkpoint(tmp_path, "lora_ckpt", lp, {}, {"iteration": 1})
+    with pytest.raises(ModelLoadError, match="LoRA training checkpoint"):
+        SD3Adapter.from_pretrained(tiny_sd3).load_trained(tmp_path / "lora_ckpt")
