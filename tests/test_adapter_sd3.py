@@ -153,51 +153,45 @@ def test_cfg_grad_cond_keeps_the_value_and_trains_only_the_conditional_branch(ti
     assert not torch.allclose(g_both, g_cond, rtol=1e-3, atol=1e-6)
 
 
-def test_load_trained_applies_a_full_finetune_or_lora_and_names_a_missing_dir(tiny_sd3, tmp_path):
+def _perturbed(tiny_sd3, lora: bool = False) -> SD3Adapter:
+    """An adapter whose trainable weights (full transformer, or LoRA r4) were moved off their initial values."""
     ad = SD3Adapter.from_pretrained(tiny_sd3)
-    params = ad.full_finetune()
+    params = ad.add_lora(rank=4, alpha=8) if lora else ad.full_finetune()
     with torch.no_grad():
         for p in params:
-            p.add_(0.02 * torch.randn_like(p))
-    ad.save_trained(tmp_path / "full")
-    cond, xT = ad.encode(PROMPTS, negative=""), ad.init_noise(2, torch.Generator().manual_seed(1))
-    trained = sample_ode(ad, cond, 3, 2.0, xT.clone())
-    fresh = SD3Adapter.from_pretrained(tiny_sd3)
-    base = sample_ode(fresh, cond, 3, 2.0, xT.clone())
-    fresh.load_trained(tmp_path / "full")
-    assert not torch.allclose(base, trained, atol=1e-3)
-    assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), trained, atol=1e-5)
-    lo = SD3Adapter.from_pretrained(tiny_sd3)
-    lp = lo.add_lora(rank=4, alpha=8)
-    with torch.no_grad():
-        for p in lp:
-            p.add_(0.05 * torch.randn_like(p))
-    lo.save_trained(tmp_path / "lora")
-    want = sample_ode(lo, cond, 3, 2.0, xT.clone())
-    other = SD3Adapter.from_pretrained(tiny_sd3)
-    other.load_trained(tmp_path / "lora")
-    assert torch.allclose(sample_ode(other, cond, 3, 2.0, xT.clone()), want, atol=1e-5)
+            p.add_((0.05 if lora else 0.02) * torch.randn_like(p))
+    return ad
+
+
+def test_load_trained_applies_a_full_finetune_or_lora_and_names_a_missing_dir(tiny_sd3, tmp_path):
+    cond = SD3Adapter.from_pretrained(tiny_sd3).encode(PROMPTS, negative="")
+    xT = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    base = sample_ode(SD3Adapter.from_pretrained(tiny_sd3), cond, 3, 2.0, xT.clone())
+    for kind in ("full", "lora"):
+        ad = _perturbed(tiny_sd3, lora=kind == "lora")
+        ad.save_trained(tmp_path / kind)
+        want = sample_ode(ad, cond, 3, 2.0, xT.clone())
+        assert not torch.allclose(base, want, atol=1e-3)
+        fresh = SD3Adapter.from_pretrained(tiny_sd3)
+        fresh.load_trained(tmp_path / kind)
+        assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), want, atol=1e-5), kind
     with pytest.raises(ModelLoadError, match="no trained weights in .*nothing"):
-        other.load_trained(tmp_path / "nothing")
+        fresh.load_trained(tmp_path / "nothing")
 
 
 def test_load_trained_reads_a_full_finetune_checkpoint_and_refuses_a_lora_one(tiny_sd3, tmp_path):
     from flowalign.checkpoint import save_checkpoint
 
-    ad = SD3Adapter.from_pretrained(tiny_sd3)
-    params = ad.full_finetune()
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.02 * torch.randn_like(p))
-    names = {id(p): n for n, p in ad.transformer.named_parameters()}
-    save_checkpoint(tmp_path, "iter_000002", {names[id(p)]: p for p in params}, {}, {"iteration": 2})
-    cond, xT = ad.encode(PROMPTS, negative=""), ad.init_noise(2, torch.Generator().manual_seed(1))
+    cond = SD3Adapter.from_pretrained(tiny_sd3).encode(PROMPTS, negative="")
+    xT = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for kind in ("full", "lora"):
+        ad = _perturbed(tiny_sd3, lora=kind == "lora")
+        trainable = {n: p for n, p in ad.transformer.named_parameters() if p.requires_grad}
+        save_checkpoint(tmp_path, kind, trainable, {}, {"iteration": 2})
+        if kind == "full":
+            want = sample_ode(ad, cond, 3, 2.0, xT.clone())
     fresh = SD3Adapter.from_pretrained(tiny_sd3)
-    fresh.load_trained(tmp_path / "iter_000002")
-    assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), sample_ode(ad, cond, 3, 2.0, xT.clone()),
-                          atol=1e-5)
-    lo = SD3Adapter.from_pretrained(tiny_sd3)
-    lp = {n: p for n, p in lo.transformer.named_parameters() if p.requires_grad} if lo.add_lora(4, 8) else {}
-    save_checkpoint(tmp_path, "lora_ckpt", lp, {}, {"iteration": 1})
+    fresh.load_trained(tmp_path / "full")
+    assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), want, atol=1e-5)
     with pytest.raises(ModelLoadError, match="LoRA training checkpoint"):
-        SD3Adapter.from_pretrained(tiny_sd3).load_trained(tmp_path / "lora_ckpt")
+        SD3Adapter.from_pretrained(tiny_sd3).load_trained(tmp_path / "lora")
