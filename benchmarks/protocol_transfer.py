@@ -13,12 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flowalign.eval.benchmark import benchmark_metadata, evaluate, subsample
 from flowalign.eval.geneval import score_images
 from flowalign.pipelines.base import load_adapter
+from flowalign.rewards.base import to_uint8
 from flowalign.rollout import rollout, sde_mask
 from flowalign.shapeworld import MODEL_DIR
 
@@ -34,7 +34,7 @@ def sde_score(adapter, metas, s: dict, seed: int, batch_size: int) -> float:
         cond = adapter.encode([m["prompt"] for m in mb], negative="" if s["guidance"] > 1 else None)
         tr = rollout(adapter, cond, sig, s["guidance"], s["noise_level"], mask, generator=g, kernel=s["kernel"],
                      noise_block=s.get("noise_block", 1))
-        images += [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for im in tr.images]
+        images += list(to_uint8(tr.images))
     return score_images(metas, images)["overall"]
 
 

@@ -77,6 +77,14 @@ def test_two_iterations_train_and_write_everything(tiny_sd3, tmp_path):
     assert list((out / "tb").iterdir())
     res = json.loads((out / "results.json").read_text())
     assert set(res["final"]) == {"test", "unseen"} and res["iterations"] == 2
+    # the run directory is what benchmarks/protocol_transfer.py reads (config.json + final/)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import protocol_transfer
+    rows = protocol_transfer.main([str(out), "--model", tiny_sd3, "--protocols", "2x2", "--n-per-task", "1",
+                                   "--threads", "1", "--out", str(tmp_path / "pt.json")])
+    assert list(rows) == ["base", "run"]
+    assert all(set(r) == {"ODE 2 steps, CFG 2", "training sampler (SDE)"} for r in rows.values())
+    assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
 
 
 def test_resume_continues_at_the_same_step_with_the_same_state(tiny_sd3, tmp_path):
@@ -213,3 +221,14 @@ def test_a_smooth_reward_climbs_on_the_shapeworld_model(tmp_path):
     Trainer(cfg).run()
     r = [json.loads(x)["reward_mean"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(r[-3:]) / 3 > sum(r[:3]) / 3 + 0.02, r  # measured: 0.850 -> 0.895
+
+
+def test_grad_snr_benchmark_runs_on_the_tiny_model(tiny_sd3, tmp_path):
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import grad_snr
+    d = tiny_cfg(tiny_sd3, tmp_path / "run").to_dict()
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
+    res = grad_snr.main(["--config", str(tmp_path / "c.yaml"), "--batches", "3", "--threads", "1", "--brightness"])
+    assert res["pairs"] == 3 and -1 <= res["mean_cos"] <= 1 and res["samples_per_batch"] == 8
