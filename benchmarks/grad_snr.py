@@ -7,7 +7,7 @@ have E[cos] ~ |s|^2 / (|s|^2 + E|n|^2): near 0 means one batch's update is mostl
 accumulates over many iterations (the displacement's signal-to-noise grows like sqrt(iterations)).
 
 usage: python benchmarks/grad_snr.py --config configs/shapeworld_flow_grpo.yaml [section.key=value ...]
-       [--batches 8] [--reward test_brightness]
+       [--batches 8] [--brightness]
 """
 from __future__ import annotations
 

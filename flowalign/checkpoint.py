@@ -55,10 +55,19 @@ def latest_checkpoint(root) -> Path | None:
     return d if d.is_dir() else None
 
 
+def is_checkpoint(directory) -> bool:
+    d = Path(directory)
+    return (d / "meta.json").is_file() and (d / "model.safetensors").is_file()
+
+
+def load_weights(directory) -> dict[str, torch.Tensor]:
+    """Only the trainable weights of a checkpoint (no optimizer state): enough to evaluate it."""
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
 def load_checkpoint(directory) -> tuple[dict[str, torch.Tensor], dict, dict]:
     d = Path(directory)
     for f in ("model.safetensors", "state.pt", "meta.json"):
         if not (d / f).is_file():
             raise FileNotFoundError(f"checkpoint {d} is incomplete: missing {f}")
-    return load_file(str(d / "model.safetensors")), torch.load(d / "state.pt", weights_only=False), \
-        json.loads((d / "meta.json").read_text())
+    return load_weights(d), torch.load(d / "state.pt", weights_only=False), json.loads((d / "meta.json").read_text())

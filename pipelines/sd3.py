@@ -215,11 +215,11 @@ class SD3Adapter:
         from flowalign.pipelines.base import ModelLoadError
 
         directory = Path(directory)
-        if (directory / "meta.json").is_file() and (directory / "model.safetensors").is_file():
-            # a trainer checkpoint (checkpoints/iter_N): the trainable weights of a full fine-tuning run
-            from safetensors.torch import load_file
+        from flowalign import checkpoint
 
-            weights = load_file(str(directory / "model.safetensors"))
+        if checkpoint.is_checkpoint(directory):
+            # a trainer checkpoint (checkpoints/iter_N): the trainable weights of a full fine-tuning run
+            weights = checkpoint.load_weights(directory)
             if any("lora_" in k for k in weights):
                 raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ "
                                      f"directory, or resume the run to write one")
