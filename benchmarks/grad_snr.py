@@ -18,7 +18,7 @@ import statistics
 import torch
 
 from flowalign.config import load_config
-from flowalign.rollout import replay_step
+from flowalign.rollout import replay_step, step_rows
 
 
 def main(argv=None) -> dict:
@@ -47,8 +47,12 @@ def main(argv=None) -> dict:
         sub, adv = traj.index(keep), adv[keep]
         tr.opt.zero_grad(set_to_none=True)
         for j in tr.step_pool:
-            out = replay_step(tr.adapter, sub, j, kernel=cfg.sample.kernel)
-            (-(adv * torch.exp(out.log_prob - sub.log_probs[:, j])).mean()).backward()
+            rows = step_rows(sub.sde_mask, j, len(sub))  # all rows, or those branched at j
+            if len(rows) == 0:
+                continue
+            part = sub.index(rows)
+            out = replay_step(tr.adapter, part, j, kernel=cfg.sample.kernel)
+            (-(adv[rows] * torch.exp(out.log_prob - part.log_probs[:, j])).sum() / len(sub)).backward()
         return torch.cat([p.grad.flatten() for p in tr.params if p.grad is not None]).clone()
 
     gs = [grad(1000 + k) for k in range(a.batches)]

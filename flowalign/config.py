@@ -52,6 +52,11 @@ class SampleCfg:
     batch_size: int = 64                           # rollout chunk per process
     shared_noise: bool = False                     # one x_T per prompt group (DanceGRPO): outcome differences
                                                    # then come only from the SDE steps, the actions trained on
+    branching: bool = False                        # TempFlow-style: each group is stochastic at one step only (drawn
+                                                   # per group from the trained SDE steps), ODE elsewhere, so its
+                                                   # reward differences are that step's credit; needs shared_noise
+    antithetic: bool = False                       # members 2k and 2k+1 of a group get opposite SDE noise (mirrored
+                                                   # sampling: cancels the even part of the reward in the estimate)
 
 
 @dataclass
@@ -214,6 +219,11 @@ def validate(cfg: Config) -> Config:
     if s.noise_block < 1 or (s.noise_block > 1 and s.kernel != "sde"):
         raise ConfigError(f"sample.noise_block: must be >= 1, and > 1 only with sample.kernel: sde "
                           f"(got {s.noise_block} with kernel {s.kernel!r})")
+    if s.branching and not s.shared_noise:
+        raise ConfigError("sample.branching: the branches of a group must share x_T; set sample.shared_noise: true")
+    if s.antithetic and (not s.shared_noise or s.group_size % 2):
+        raise ConfigError(f"sample.antithetic: pairs (+noise, -noise) need sample.shared_noise: true and an even "
+                          f"sample.group_size (got shared_noise={s.shared_noise}, group_size={s.group_size})")
     if s.group_size < 2:
         raise ConfigError(f"sample.group_size: GRPO needs at least 2 images per prompt, got {s.group_size}")
     if not 0 < t.timestep_fraction <= 1:

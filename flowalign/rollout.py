@@ -19,7 +19,7 @@ class Trajectory:
     cond: Cond
     latents: torch.Tensor     # (B, T+1, C, H, W): x_T ... x_0
     log_probs: torch.Tensor   # (B, T): log p of each stored transition (0 on ODE steps)
-    sde_mask: torch.Tensor    # (T,) bool: which steps were stochastic
+    sde_mask: torch.Tensor    # (T,) bool: which steps were stochastic, or (B, T) when it differs per sample (branching)
     sigmas: torch.Tensor      # (T+1,)
     guidance: float
     noise_level: float
@@ -44,7 +44,7 @@ class Trajectory:
                 vals[f.name] = None if v is None else [v[j] for j in keep]
             elif f.name == "cond":
                 vals[f.name] = v.index(idx)
-            elif f.name in ("latents", "log_probs", "images"):
+            elif f.name in ("latents", "log_probs", "images") or (f.name == "sde_mask" and v.ndim == 2):
                 vals[f.name] = None if v is None else v[idx]
             else:
                 vals[f.name] = v
@@ -56,7 +56,7 @@ class Trajectory:
         return Trajectory(
             prompts=[p for t in trajs for p in t.prompts], cond=Cond.cat([t.cond for t in trajs]),
             latents=torch.cat([t.latents for t in trajs]), log_probs=torch.cat([t.log_probs for t in trajs]),
-            sde_mask=t0.sde_mask, sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level,
+            sde_mask=torch.cat([t.sde_mask for t in trajs]) if t0.sde_mask.ndim == 2 else t0.sde_mask, sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level,
             noise_block=t0.noise_block,
             metadata=None if t0.metadata is None else [m for t in trajs for m in t.metadata],
             images=None if t0.images is None else torch.cat([t.images for t in trajs]))
@@ -81,26 +81,50 @@ def sde_mask(num_steps: int, spec: str | list[int] = "all_but_last") -> torch.Te
     return m
 
 
+def step_rows(mask: torch.Tensor, i: int, batch: int) -> torch.Tensor:
+    """Indices of the samples that are stochastic at step i, for a (T,) or per-sample (B, T) mask."""
+    col = mask[:, i] if mask.ndim == 2 else mask[i].expand(batch)
+    return col.nonzero().view(-1)
+
+
 @torch.no_grad()
 def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_level: float,
             mask: torch.Tensor, x: torch.Tensor | None = None, generator: torch.Generator | None = None,
             prompts: list[str] | None = None, metadata=None, decode: bool = True, kernel: str = "sde",
-            noise_block: int = 1) -> Trajectory:
+            noise_block: int = 1, noises: torch.Tensor | None = None) -> Trajectory:
+    """Sample x_T -> x_0. ``noises`` (B, T, C, H, W), when given, is the SDE noise of every step (e.g. antithetic
+    pairs); otherwise it is drawn from ``generator``. ``mask`` (T,) marks the stochastic steps of every sample; a (B, T) mask gives each sample
+    its own (TempFlow-style branching: a group shares x_T and the ODE path up to its one stochastic step). On a step
+    where only some samples are stochastic, the two subsets go through the model separately."""
     B = len(cond)
     if x is None:
         x = adapter.init_noise(B, generator)
     xs, lps = [x], []
     for i in range(sigmas.numel() - 1):
-        if mask[i]:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        rows = step_rows(mask, i, B)
+        noise = None
+        if len(rows):
+            noise = noises[:, i].to(x.device, torch.float32) if noises is not None else \
+                torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+        lp = torch.zeros(B, device=x.device)
+        if len(rows) == B:
             out = adapter.step(x, sigmas, i, cond, guidance, noise_level, noise=noise, kernel=kernel,
                                noise_block=noise_block)
-            lps.append(out.log_prob.float())
+            x, lp = out.next, out.log_prob.float()
+        elif len(rows) == 0:
+            x = adapter.step(x, sigmas, i, cond, guidance, 0.0).next
         else:
-            out = adapter.step(x, sigmas, i, cond, guidance, 0.0)
-            lps.append(torch.zeros(B, device=x.device))
-        x = out.next
+            ode = torch.ones(B, dtype=torch.bool)
+            ode[rows] = False
+            ode = ode.nonzero().view(-1)
+            sde = adapter.step(x[rows], sigmas, i, cond.index(rows), guidance, noise_level, noise=noise[rows],
+                               kernel=kernel, noise_block=noise_block)
+            x = x.clone()
+            x[ode] = adapter.step(x[ode], sigmas, i, cond.index(ode), guidance, 0.0).next
+            x[rows] = sde.next
+            lp[rows] = sde.log_prob.float()
         xs.append(x)
+        lps.append(lp)
     images = adapter.decode(x) if decode else None
     return Trajectory(prompts=list(prompts) if prompts is not None else [""] * B, cond=cond,
                       latents=torch.stack(xs, 1), log_probs=torch.stack(lps, 1), sde_mask=mask.clone(),

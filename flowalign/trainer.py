@@ -19,7 +19,7 @@ import torch
 from flowalign import checkpoint as ckpt
 from flowalign.algorithms import ALGORITHMS
 from flowalign.config import Config, ConfigError, Derived
-from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask
+from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask, step_rows
 from flowalign.samplers import flow_sde_std, gaussian_kl
 
 
@@ -97,8 +97,9 @@ class Trainer:
             self.load(c)
 
     # ---------------------------------------------------------------------------------------- data
-    def prompts_for(self, it: int) -> tuple[list[int], list[dict]]:
-        """Global prompt ids for this iteration (identical on every process), this process's slice."""
+    def prompts_for(self, it: int) -> tuple[list[int], list[dict], list[int]]:
+        """This process's slice of the iteration's samples (the full list is identical on every process): group id,
+        prompt metadata and member index within the group, per sample."""
         rng = random.Random(self.cfg.run.seed * 1_000_003 + it)
         by_task = self.by_task
         tasks = sorted(by_task)
@@ -108,16 +109,16 @@ class Trainer:
             return rng.choices(tasks, [float(tw.get(t, 0.0)) for t in tasks])[0] if tw else rng.choice(tasks)
 
         chosen = [rng.choice(by_task[task()]) for _ in range(self.cfg.sample.prompts_per_iter)]
-        ids = [(g, pid) for g, pid in enumerate(chosen) for _ in range(self.cfg.sample.group_size)]
+        ids = [(g, pid, m) for g, pid in enumerate(chosen) for m in range(self.cfg.sample.group_size)]
         rng.shuffle(ids)
         lo = self.acc.process_index * self.d.samples_per_process
         mine = ids[lo: lo + self.d.samples_per_process]
-        return [g for g, _ in mine], [self.train_meta[pid] for _, pid in mine]
+        return [g for g, _, _ in mine], [self.train_meta[pid] for _, pid, _ in mine], [m for _, _, m in mine]
 
     # ---------------------------------------------------------------------------------------- one iteration
     @torch.no_grad()
     def collect(self, it: int):
-        groups, metas = self.prompts_for(it)
+        groups, metas, members = self.prompts_for(it)
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + self.acc.process_index)
         trajs, rewards = [], []
         s = self.cfg.sample
@@ -125,13 +126,28 @@ class Trainer:
         if s.shared_noise:  # drawn from a generator seeded identically on every process: groups split across
             shared = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + 7)  # ranks stay whole
             x_T = self.adapter.init_noise(s.prompts_per_iter, shared)[torch.tensor(groups)]
+        noises = None
+        if s.antithetic:  # member 2k+1 of a group gets minus the SDE noise of member 2k (same draw on every process)
+            bank_gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + 13)
+            shape = (s.prompts_per_iter, s.group_size // 2, s.num_steps, *self.adapter.latent_shape())
+            bank = torch.randn(shape, generator=bank_gen)
+            g, m = torch.tensor(groups), torch.tensor(members)
+            noises = bank[g, m // 2] * (1 - 2 * (m % 2)).view(-1, 1, 1, 1, 1).float()
+        mask = self.mask
+        if s.branching:  # one stochastic step per group, the same draw on every process
+            rng = random.Random(self.cfg.run.seed * 7919 + it * 131 + 11)
+            at = [rng.choice(self.step_pool) for _ in range(s.prompts_per_iter)]
+            mask = torch.zeros(len(metas), s.num_steps, dtype=torch.bool)
+            mask[torch.arange(len(metas)), torch.tensor([at[g] for g in groups], dtype=torch.long)] = True
         for k in range(0, len(metas), s.batch_size):
             mb = metas[k:k + s.batch_size]
             prompts = [m["prompt"] for m in mb]
             cond = self.adapter.encode(prompts, negative="" if s.guidance > 1 else None)
-            tr = rollout(self.adapter, cond, self.sigmas, s.guidance, s.noise_level, self.mask, generator=gen,
+            tr = rollout(self.adapter, cond, self.sigmas, s.guidance, s.noise_level,
+                         mask[k:k + s.batch_size] if mask.ndim == 2 else mask, generator=gen,
                          x=None if x_T is None else x_T[k:k + s.batch_size],
-                         prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block)
+                         prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block,
+                         noises=None if noises is None else noises[k:k + s.batch_size])
             rewards.append(self.reward(tr.images, prompts, mb))
             trajs.append(tr)
         traj = Trajectory.cat(trajs)
@@ -148,11 +164,23 @@ class Trainer:
                  "zero_std_frac": (gstd < 1e-6).float().mean().item()}
         return adv[lo: lo + self.d.samples_per_process], stats
 
+    @staticmethod
+    def branch_stats(reward: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor) -> dict:
+        """Per branching step: the mean within-group reward std of the groups branched there (how much that step's
+        noise changes the outcome; this process's groups)."""
+        at = mask.float().argmax(1)
+        out: dict[str, list[float]] = {}
+        for g in torch.unique(groups):
+            m = (groups == g).cpu()
+            out.setdefault(f"branch_std/step{int(at[m][0])}", []).append(float(reward[m].float().std(unbiased=False)))
+        return {k: float(np.mean(v)) for k, v in sorted(out.items())}
+
     def train_on(self, traj: Trajectory, adv: torch.Tensor, it: int) -> dict:
         t = self.cfg.train
         rng = random.Random(self.cfg.run.seed * 31 + it)
         k = max(1, round(t.timestep_fraction * len(self.step_pool)))
-        steps = sorted(rng.sample(self.step_pool, k))
+        # branching: every sample is trained on its own stochastic step (the pool holds them all)
+        steps = list(self.step_pool) if self.cfg.sample.branching else sorted(rng.sample(self.step_pool, k))
         w = {j: 1.0 for j in steps}
         if t.step_weighting == "std":
             m = float(np.mean([self.step_std[j] for j in steps]))
@@ -190,15 +218,24 @@ class Trainer:
                 for j in steps:
                     # gradients are all-reduced once per optimizer step: at the last backward before it
                     last = sync and j == steps[-1]
+                    part, pa, scale = sub, a, 1.0 / len(steps)
+                    if sub.sde_mask.ndim == 2:  # per-sample steps: the rows stochastic at j, weighted by their share
+                        rows = step_rows(sub.sde_mask, j, len(sub))
+                        if len(rows) == 0 and self.d.world == 1:
+                            continue
+                        # (with several processes every one runs the same backward passes: a zero-weight row)
+                        scale = len(rows) / len(sub)
+                        rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
+                        part, pa = sub.index(rows), a[rows.to(a.device)]
                     with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
-                        out = replay_step(self.adapter, sub, j, kernel=self.cfg.sample.kernel)
+                        out = replay_step(self.adapter, part, j, kernel=self.cfg.sample.kernel)
                         kl = None
                         if self.algo.needs_reference:
                             with torch.no_grad(), self.adapter.reference():
-                                ref = replay_step(self.adapter, sub, j, kernel=self.cfg.sample.kernel)
+                                ref = replay_step(self.adapter, part, j, kernel=self.cfg.sample.kernel)
                             kl = gaussian_kl(out.mean, ref.mean, out.std)
-                        loss, st = self.algo.step_loss(out.log_prob, sub.log_probs[:, j], a, kl)
-                        self.acc.backward(loss * w[j] / (len(steps) * self.d.accumulation))
+                        loss, st = self.algo.step_loss(out.log_prob, part.log_probs[:, j], pa, kl)
+                        self.acc.backward(loss * w[j] * scale / self.d.accumulation)
                         for key, v in st.items():
                             stats.setdefault(key, []).append(v)
                         if not stepped:  # before the first optimizer step the ratio must be exactly 1
@@ -331,6 +368,8 @@ class Trainer:
                 self.nan_streak = 0
                 adv, st = self.advantages(rew["reward"], groups)
                 rec.update(st)
+                if traj.sde_mask.ndim == 2:
+                    rec.update(self.branch_stats(rew["reward"], groups, traj.sde_mask))
                 rec.update(self.train_on(traj, adv, it))
                 for key, v in rew.items():  # components of a combined reward, a judge's 'correct', ...
                     if key != "reward" and v.is_floating_point():

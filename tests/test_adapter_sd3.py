@@ -48,6 +48,29 @@ def test_on_policy_ratio_is_exactly_one(tiny_adapter):
     assert torch.all(tr.log_probs[:, -1] == 0)  # last step ODE
 
 
+def test_per_sample_mask_branches_off_the_ode_path(tiny_adapter):
+    """A (B, T) mask: each sample follows the ODE path exactly except at its own stochastic step; log-probs are
+    stored only there and replay to the same values."""
+    ad = tiny_adapter
+    sig = ad.schedule(4)
+    prompts = ["a red circle", "a blue square", "a red circle", "two green crosses"]
+    cond = ad.encode(prompts, negative="")
+    x = ad.init_noise(1, torch.Generator().manual_seed(0)).expand(4, -1, -1, -1).clone()
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0, 0] = mask[1, 2] = mask[2, 1] = True  # sample 3: pure ODE
+    tr = rollout(ad, cond, sig, 2.0, 0.7, mask, x=x, generator=torch.Generator().manual_seed(1), prompts=prompts)
+    ode = rollout(ad, cond, sig, 2.0, 0.7, torch.zeros(4, dtype=torch.bool), x=x, prompts=prompts)
+    assert torch.equal(tr.latents[3], ode.latents[3])
+    for b, k in [(0, 0), (1, 2), (2, 1)]:
+        assert torch.allclose(tr.latents[b, : k + 1], ode.latents[b, : k + 1], atol=1e-6)  # same path up to k
+        assert not torch.allclose(tr.latents[b, k + 1], ode.latents[b, k + 1])              # branches at k
+        assert (tr.log_probs[b] != 0).tolist() == mask[b].tolist()
+        sub = tr.index([b])
+        assert sub.sde_mask.shape == (1, 4)
+        assert torch.allclose(replay_step(ad, sub, k).log_prob, tr.log_probs[b, k:k + 1], atol=1e-5)
+    assert torch.equal(tr.log_probs[3], torch.zeros(4))
+
+
 def test_decode_range_and_gradient(tiny_adapter):
     z = torch.randn(2, 4, 8, 8, requires_grad=True)
     img = tiny_adapter.decode(z, differentiable=True)

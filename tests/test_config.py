@@ -66,3 +66,14 @@ def test_hash_ignores_run_eval_and_length_but_not_training():
     a = load_config({})
     assert a.hash() == load_config({"run": {"output_dir": "x"}, "train": {"iterations": 7}}).hash()
     assert a.hash() != load_config({"train": {"lr": 1e-5}}).hash()
+
+
+def test_branching_and_antithetic_need_a_shared_start():
+    ok = load_config({"sample": {"shared_noise": True, "branching": True, "antithetic": True, "group_size": 8}})
+    assert ok.sample.branching and ok.sample.antithetic
+    with pytest.raises(ConfigError, match="sample.branching: .*shared_noise: true"):
+        load_config({"sample": {"branching": True}})
+    with pytest.raises(ConfigError, match="sample.antithetic: .*even sample.group_size .*group_size=5"):
+        load_config({"sample": {"shared_noise": True, "antithetic": True, "group_size": 5}})
+    with pytest.raises(ConfigError, match="sample.antithetic"):
+        load_config({"sample": {"antithetic": True}})

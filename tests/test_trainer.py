@@ -210,6 +210,55 @@ def test_shared_noise_gives_one_start_per_group(tiny_sd3, tmp_path, shared):
     assert not torch.allclose(final[0], final[1])  # the SDE steps still make the group's images differ
 
 
+def test_branching_gives_each_group_one_stochastic_step_and_trains(tiny_sd3, tmp_path):
+    """TempFlow branching: a group shares x_T and the ODE path up to one stochastic step (from the trained pool),
+    so its members differ only after it; training replays each sample at its own step (ratio exactly 1)."""
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", train={"batch_size": 8, "updates_per_iter": 1,
+                                                             "train_steps": "first:2", "lr": 1e-2},
+                         sample={"num_steps": 4, "prompts_per_iter": 4, "group_size": 4, "batch_size": 6,
+                                 "shared_noise": True, "branching": True, "sde_steps": "all_but_last"}))
+    seen = set()
+    for it in range(3):
+        traj, rew, groups = t.collect(it)
+        assert traj.sde_mask.shape == (16, 4) and (traj.sde_mask.sum(1) == 1).all()
+        at = traj.sde_mask.float().argmax(1)
+        for g in groups.unique():
+            m = groups == g
+            k = int(at[m][0])
+            assert (at[m] == k).all() and k in (0, 1)  # one step per group, from first:2 of the SDE steps
+            seen.add(k)
+            lat = traj.latents[m]
+            assert torch.equal(lat[:, : k + 1], lat[:1, : k + 1].expand_as(lat[:, : k + 1]))
+            assert not torch.allclose(lat[0, k + 1], lat[1, k + 1])
+    assert seen == {0, 1}
+    before = lora_B(t)
+    adv, _ = t.advantages(rew["reward"], groups)
+    st = t.train_on(traj, adv, 0)
+    assert st["onpolicy_ratio_dev"] < 1e-5 and st["trained_frac"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in lora_B(t).items())
+    stats = t.branch_stats(rew["reward"], groups, traj.sde_mask)
+    assert set(stats) <= {"branch_std/step0", "branch_std/step1"} and all(v >= 0 for v in stats.values())
+
+
+def test_antithetic_pairs_get_opposite_noise(tiny_sd3, tmp_path):
+    from flowalign.rollout import replay_step
+
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", train={"batch_size": 8, "updates_per_iter": 1},
+                         sample={"num_steps": 4, "prompts_per_iter": 2, "group_size": 4, "batch_size": 8,
+                                 "shared_noise": True, "antithetic": True, "sde_steps": "first:2"}))
+    traj, _, groups = t.collect(0)
+    _, _, members = t.prompts_for(0)
+    members = torch.tensor(members)
+    for g in groups.unique():
+        for k in (0, 1):
+            pairs = {}
+            for b in (groups == g).nonzero().view(-1).tolist():
+                out = replay_step(t.adapter, traj.index([b]), k)
+                pairs.setdefault(int(members[b]) // 2, []).append((out.next - out.mean) / out.std)
+            for a, b in pairs.values():
+                assert torch.allclose(a, -b, atol=1e-4) and a.abs().mean() > 0.3  # eps and -eps, standard size
+
+
 @pytest.mark.slow
 def test_a_smooth_reward_climbs_on_the_shapeworld_model(tmp_path):
     """The real 2.3 M-param ShapeWorld model, Flow-GRPO on mean brightness for 12 iterations: the reward rises."""
