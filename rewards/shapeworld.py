@@ -1,4 +1,6 @@
-"""``shapeworld``: the exact ShapeWorld judge as a reward (GenEval partial credit or 0/1 correctness)."""
+"""``shapeworld``: the exact ShapeWorld judge as a reward: GenEval partial credit (``partial``), 0/1 correctness
+(``binary``), or partial credit whose position term is a continuous ramp across the judge's boundary (``dense``:
+pushing an object further the right way pays before the verdict flips)."""
 from __future__ import annotations
 
 import torch
@@ -13,19 +15,27 @@ class ShapeWorldReward(Reward):
     name = "shapeworld"
     needs_metadata = True
 
-    def __init__(self, mode: str = "partial", device="cpu", batch_size: int = 256):
+    def __init__(self, mode: str = "partial", device="cpu", batch_size: int = 256, position_ramp: float = 0.1):
         super().__init__(device=device, batch_size=batch_size)
-        if mode not in ("partial", "binary"):
-            raise ValueError(f"shapeworld reward mode must be 'partial' or 'binary', got {mode!r}")
-        self.mode = mode
+        if mode not in ("partial", "binary", "dense"):
+            raise ValueError(f"shapeworld reward mode must be 'partial', 'binary' or 'dense', got {mode!r}")
+        if not position_ramp > 0:
+            raise ValueError(f"shapeworld reward position_ramp must be > 0, got {position_ramp}")
+        self.mode, self.ramp = mode, position_ramp
 
     def score(self, images, prompts, metadata):
-        verdicts = [judge(m, detect(im)) for m, im in zip(metadata, to_uint8(images))]
+        dets = [detect(im) for im in to_uint8(images)]
+        verdicts = [judge(m, d) for m, d in zip(metadata, dets)]
         correct = torch.tensor([float(c) for c, _ in verdicts])
         partial = torch.tensor([p for _, p in verdicts])
-        return {"reward": partial if self.mode == "partial" else correct, "correct": correct, "partial": partial}
+        out = {"correct": correct, "partial": partial}
+        if self.mode == "dense":
+            out["dense"] = torch.tensor([judge(m, d, self.ramp)[1] for m, d in zip(metadata, dets)])
+        out["reward"] = {"partial": partial, "binary": correct}.get(self.mode, out.get("dense"))
+        return out
 
 
 @register("shapeworld")
-def _build(mode: str = "partial", device: str = "cpu", batch_size: int = 256) -> ShapeWorldReward:
-    return ShapeWorldReward(mode=mode, device=device, batch_size=batch_size)
+def _build(mode: str = "partial", device: str = "cpu", batch_size: int = 256,
+           position_ramp: float = 0.1) -> ShapeWorldReward:
+    return ShapeWorldReward(mode=mode, device=device, batch_size=batch_size, position_ramp=position_ramp)

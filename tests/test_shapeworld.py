@@ -161,3 +161,40 @@ def test_pretrain_script_writes_a_loadable_sd3_pipeline(tmp_path):
                max_sequence_length=0, output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 3, 32, 32)
     assert [len(pipe.tokenizer(w).input_ids) for w in ("circle", "crosses", "purple")] == [3, 3, 3]
+
+
+def test_dense_position_term_is_a_ramp_across_the_judges_boundary():
+    pos = make_metadata("position", a="circle", b="square", rel="left of")
+
+    def dets(cx, cy, sx=0.5, sy=0.5):
+        return [{"cls": "circle", "color": "red", "centroid": (cx, cy), "score": 1.0},
+                {"cls": "square", "color": "blue", "centroid": (sx, sy), "score": 1.0}]
+
+    # far on the right side: slack 0.34 -> term 1, same as the verdict
+    assert judge(pos, dets(0.1, 0.5), position_ramp=0.1) == (True, pytest.approx(1.0))
+    # 0.04 left of the square: inside the margin (0.06), slack -0.02 -> term 0.5 - 0.2 = 0.3; verdict still False
+    ok, dense = judge(pos, dets(0.46, 0.5), position_ramp=0.1)
+    assert not ok and dense == pytest.approx((1 + 1 + 0.3) / 3)
+    assert judge(pos, dets(0.46, 0.5)) == (False, pytest.approx(2 / 3))
+    # far enough left but the vertical offset dominates: slack = 0.30 - 0.35 = -0.05 -> term 0
+    assert judge(pos, dets(0.2, 0.15, 0.5, 0.5), position_ramp=0.1)[1] == pytest.approx(2 / 3)
+    # the term grows monotonically as the circle moves left across the boundary
+    terms = [judge(pos, dets(x, 0.5), position_ramp=0.1)[1] for x in (0.5, 0.47, 0.44, 0.41, 0.38)]
+    assert terms == sorted(terms) and terms[0] < terms[-1]
+
+
+def test_dense_reward_mode_reports_both_scores():
+    import torch
+
+    from flowalign.rewards import build_reward
+
+    r = build_reward("shapeworld", mode="dense")
+    pos = make_metadata("position", a="circle", b="square", rel="left of")
+    # left by 0.38 but 0.40 apart vertically: the verdict fails by 0.02, the ramp pays about 0.3 for the position term
+    img = torch.from_numpy(_scene(("circle", "red", 0.30, 0.30), ("square", "blue", 0.68, 0.70))).permute(2, 0, 1)[None] / 255.0
+    out = r(img, [pos["prompt"]], [pos])
+    assert out["reward"].item() == pytest.approx(out["dense"].item())
+    assert out["correct"].item() == 0 and out["partial"].item() == pytest.approx(2 / 3)
+    assert 2 / 3 + 0.05 < out["dense"].item() < 2 / 3 + 0.25
+    with pytest.raises(ValueError, match="mode must be"):
+        build_reward("shapeworld", mode="soft")
