@@ -281,3 +281,12 @@ def test_grad_snr_benchmark_runs_on_the_tiny_model(tiny_sd3, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(d))
     res = grad_snr.main(["--config", str(tmp_path / "c.yaml"), "--batches", "3", "--threads", "1", "--brightness"])
     assert res["pairs"] == 3 and -1 <= res["mean_cos"] <= 1 and res["samples_per_batch"] == 8
+
+
+def test_supervised_reference_benchmark_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import supervised_reference
+    rows = supervised_reference.main(["--chunk", "2", "--chunks", "1", "--n-per-task", "1", "--steps", "2",
+                                      "--threads", "1", "--out", str(tmp_path / "s.jsonl")])
+    assert [r["steps"] for r in rows] == [0, 2] and len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
+    assert all(0 <= r["overall"] <= 1 and len(r["per_task"]) == 6 for r in rows)
