@@ -56,8 +56,8 @@ class Trajectory:
         return Trajectory(
             prompts=[p for t in trajs for p in t.prompts], cond=Cond.cat([t.cond for t in trajs]),
             latents=torch.cat([t.latents for t in trajs]), log_probs=torch.cat([t.log_probs for t in trajs]),
-            sde_mask=torch.cat([t.sde_mask for t in trajs]) if t0.sde_mask.ndim == 2 else t0.sde_mask, sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level,
-            noise_block=t0.noise_block,
+            sde_mask=torch.cat([t.sde_mask for t in trajs]) if t0.sde_mask.ndim == 2 else t0.sde_mask,
+            sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level, noise_block=t0.noise_block,
             metadata=None if t0.metadata is None else [m for t in trajs for m in t.metadata],
             images=None if t0.images is None else torch.cat([t.images for t in trajs]))
 
@@ -81,10 +81,14 @@ def sde_mask(num_steps: int, spec: str | list[int] = "all_but_last") -> torch.Te
     return m
 
 
+def step_column(mask: torch.Tensor, i: int, batch: int) -> torch.Tensor:
+    """(B,) bool: which samples are stochastic at step i, for a (T,) or per-sample (B, T) mask."""
+    return mask[:, i] if mask.ndim == 2 else mask[i].expand(batch)
+
+
 def step_rows(mask: torch.Tensor, i: int, batch: int) -> torch.Tensor:
-    """Indices of the samples that are stochastic at step i, for a (T,) or per-sample (B, T) mask."""
-    col = mask[:, i] if mask.ndim == 2 else mask[i].expand(batch)
-    return col.nonzero().view(-1)
+    """Indices of the samples that are stochastic at step i."""
+    return step_column(mask, i, batch).nonzero().view(-1)
 
 
 @torch.no_grad()
@@ -92,16 +96,18 @@ def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_le
             mask: torch.Tensor, x: torch.Tensor | None = None, generator: torch.Generator | None = None,
             prompts: list[str] | None = None, metadata=None, decode: bool = True, kernel: str = "sde",
             noise_block: int = 1, noises: torch.Tensor | None = None) -> Trajectory:
-    """Sample x_T -> x_0. ``noises`` (B, T, C, H, W), when given, is the SDE noise of every step (e.g. antithetic
-    pairs); otherwise it is drawn from ``generator``. ``mask`` (T,) marks the stochastic steps of every sample; a (B, T) mask gives each sample
+    """Sample x_T -> x_0. ``mask`` (T,) marks the stochastic steps of every sample; a (B, T) mask gives each sample
     its own (TempFlow-style branching: a group shares x_T and the ODE path up to its one stochastic step). On a step
-    where only some samples are stochastic, the two subsets go through the model separately."""
+    where only some samples are stochastic, the two subsets go through the model separately. ``noises``
+    (B, T, C, H, W), when given, is the SDE noise of every step (e.g. antithetic pairs); otherwise it is drawn from
+    ``generator``."""
     B = len(cond)
     if x is None:
         x = adapter.init_noise(B, generator)
     xs, lps = [x], []
     for i in range(sigmas.numel() - 1):
-        rows = step_rows(mask, i, B)
+        col = step_column(mask, i, B)
+        rows = col.nonzero().view(-1)
         noise = None
         if len(rows):
             noise = noises[:, i].to(x.device, torch.float32) if noises is not None else \
@@ -114,9 +120,7 @@ def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_le
         elif len(rows) == 0:
             x = adapter.step(x, sigmas, i, cond, guidance, 0.0).next
         else:
-            ode = torch.ones(B, dtype=torch.bool)
-            ode[rows] = False
-            ode = ode.nonzero().view(-1)
+            ode = (~col).nonzero().view(-1)
             sde = adapter.step(x[rows], sigmas, i, cond.index(rows), guidance, noise_level, noise=noise[rows],
                                kernel=kernel, noise_block=noise_block)
             x = x.clone()
