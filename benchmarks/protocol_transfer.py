@@ -23,16 +23,26 @@ from flowalign.rollout import rollout, sde_mask
 from flowalign.shapeworld import MODEL_DIR
 
 
-def sde_score(adapter, metas, s: dict, seed: int, batch_size: int) -> float:
-    """Overall judge accuracy of images drawn with a run's training sampler (config ``sample`` section)."""
+def sde_score(adapter, metas, cfg: dict, seed: int, batch_size: int) -> float:
+    """Overall judge accuracy of images drawn with a run's training sampler (its config.json): the SDE on the
+    configured steps, or, with branching, on one step per image drawn from the trained ones."""
+    s = cfg["sample"]
     g = torch.Generator().manual_seed(seed)
     sig = adapter.schedule(s["num_steps"])
     mask = sde_mask(s["num_steps"], s["sde_steps"])
+    if s.get("branching"):
+        pool = mask.nonzero().view(-1)
+        spec = cfg.get("train", {}).get("train_steps", "sde")
+        if spec.startswith("first:"):
+            pool = pool[: int(spec[6:])]
+        at = pool[torch.randint(len(pool), (len(metas),), generator=g)]
+        mask = torch.nn.functional.one_hot(at, s["num_steps"]).bool()
     images = []
     for k in range(0, len(metas), batch_size):
         mb = metas[k:k + batch_size]
         cond = adapter.encode([m["prompt"] for m in mb], negative="" if s["guidance"] > 1 else None)
-        tr = rollout(adapter, cond, sig, s["guidance"], s["noise_level"], mask, generator=g, kernel=s["kernel"],
+        tr = rollout(adapter, cond, sig, s["guidance"], s["noise_level"], mask if mask.ndim == 1 else
+                     mask[k:k + batch_size], generator=g, kernel=s["kernel"],
                      noise_block=s.get("noise_block", 1))
         images += list(to_uint8(tr.images))
     return score_images(metas, images)["overall"]
@@ -52,7 +62,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     metas = subsample(benchmark_metadata("shapeworld-geneval"), a.n_per_task)
-    sample_cfg = json.loads((Path(a.runs[0]) / "config.json").read_text())["sample"]
+    run_cfg = json.loads((Path(a.runs[0]) / "config.json").read_text())
     rows = {}
     for name, run in [("base", None)] + [(Path(r).name, r) for r in a.runs]:
         ad = load_adapter(a.model)
@@ -63,7 +73,7 @@ def main(argv=None) -> dict:
             steps, cfg = p.split("x")
             row[f"ODE {steps} steps, CFG {cfg}"] = evaluate(ad, metas, int(steps), float(cfg), a.seed,
                                                              a.batch_size)[0]["overall"]
-        row["training sampler (SDE)"] = sde_score(ad, metas, sample_cfg, a.seed, a.batch_size)
+        row["training sampler (SDE)"] = sde_score(ad, metas, run_cfg, a.seed, a.batch_size)
         rows[name] = row
         print(name, {k: round(v, 3) for k, v in row.items()}, flush=True)
     cols = list(next(iter(rows.values())))
@@ -72,7 +82,7 @@ def main(argv=None) -> dict:
     print("\n".join(lines))
     out = Path(a.out) if a.out else Path(a.runs[0]) / "protocol_transfer.json"
     out.write_text(json.dumps({"rows": rows, "n_per_task": a.n_per_task, "seed": a.seed,
-                               "training_sampler": sample_cfg}, indent=1))
+                               "training_sampler": run_cfg["sample"]}, indent=1))
     return rows
 
 

@@ -87,6 +87,29 @@ def test_two_iterations_train_and_write_everything(tiny_sd3, tmp_path):
     assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
 
 
+def test_protocol_transfer_scores_a_branching_run_with_its_own_sampler(tiny_adapter, monkeypatch):
+    """With sample.branching the 'training sampler' row draws one stochastic step per image from the trained ones."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import protocol_transfer
+    from flowalign.eval.benchmark import benchmark_metadata, subsample
+
+    seen = []
+    real = protocol_transfer.rollout
+
+    def spy(*args, **kw):
+        seen.append(args[5].clone())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(protocol_transfer, "rollout", spy)
+    metas = subsample(benchmark_metadata("shapeworld-geneval"), 2)
+    cfg = {"sample": {"num_steps": 4, "sde_steps": "all_but_last", "guidance": 2.0, "noise_level": 0.7,
+                      "kernel": "sde", "branching": True}, "train": {"train_steps": "first:2"}}
+    score = protocol_transfer.sde_score(tiny_adapter, metas, cfg, seed=0, batch_size=5)
+    mask = torch.cat(seen)
+    assert 0 <= score <= 1 and mask.shape == (len(metas), 4)
+    assert (mask.sum(1) == 1).all() and not mask[:, 2:].any() and mask[:, 0].any() and mask[:, 1].any()
+
+
 def test_resume_continues_at_the_same_step_with_the_same_state(tiny_sd3, tmp_path):
     out = tmp_path / "run"
     t1 = Trainer(tiny_cfg(tiny_sd3, out))
