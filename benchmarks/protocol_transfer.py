@@ -19,7 +19,7 @@ from flowalign.eval.benchmark import benchmark_metadata, evaluate, subsample
 from flowalign.eval.geneval import score_images
 from flowalign.pipelines.base import load_adapter
 from flowalign.rewards.base import to_uint8
-from flowalign.rollout import rollout, sde_mask
+from flowalign.rollout import rollout, sde_mask, trained_steps
 from flowalign.shapeworld import MODEL_DIR
 
 
@@ -31,10 +31,7 @@ def sde_score(adapter, metas, cfg: dict, seed: int, batch_size: int) -> float:
     sig = adapter.schedule(s["num_steps"])
     mask = sde_mask(s["num_steps"], s["sde_steps"])
     if s.get("branching"):
-        pool = mask.nonzero().view(-1)
-        spec = cfg.get("train", {}).get("train_steps", "sde")
-        if spec.startswith("first:"):
-            pool = pool[: int(spec[6:])]
+        pool = torch.tensor(trained_steps(mask, cfg.get("train", {}).get("train_steps", "sde")))
         at = pool[torch.randint(len(pool), (len(metas),), generator=g)]
         mask = torch.nn.functional.one_hot(at, s["num_steps"]).bool()
     images = []

@@ -81,6 +81,13 @@ def sde_mask(num_steps: int, spec: str | list[int] = "all_but_last") -> torch.Te
     return m
 
 
+def trained_steps(mask: torch.Tensor, spec: str = "sde") -> list[int]:
+    """The stochastic steps a run trains (and, with branching, branches at): all of ``mask``'s ('sde') or the
+    first K of them ('first:K')."""
+    pool = mask.nonzero().view(-1).tolist()
+    return pool[: int(spec[6:])] if spec.startswith("first:") else pool
+
+
 def step_column(mask: torch.Tensor, i: int, batch: int) -> torch.Tensor:
     """(B,) bool: which samples are stochastic at step i, for a (T,) or per-sample (B, T) mask."""
     return mask[:, i] if mask.ndim == 2 else mask[i].expand(batch)

@@ -19,7 +19,7 @@ import torch
 from flowalign import checkpoint as ckpt
 from flowalign.algorithms import ALGORITHMS
 from flowalign.config import Config, ConfigError, Derived
-from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask, step_rows
+from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask, step_rows, trained_steps
 from flowalign.samplers import flow_sde_std, gaussian_kl
 
 
@@ -83,10 +83,7 @@ class Trainer:
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay > 0 else None
         self.sigmas = self.adapter.schedule(cfg.sample.num_steps).to(self.acc.device)
         self.mask = sde_mask(cfg.sample.num_steps, cfg.sample.sde_steps)
-        pool = [i for i in range(cfg.sample.num_steps) if self.mask[i]]
-        if cfg.train.train_steps.startswith("first:"):
-            pool = pool[: int(cfg.train.train_steps[6:])]
-        self.step_pool = pool
+        self.step_pool = trained_steps(self.mask, cfg.train.train_steps)
         sig = self.sigmas.cpu()
         self.step_std = [float(flow_sde_std(sig[i], cfg.sample.noise_level, float(sig[1])) * (sig[i] - sig[i + 1]).sqrt())
                          for i in range(cfg.sample.num_steps)]
