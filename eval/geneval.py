@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowalign.shapeworld.world import RELATIONS, holds
+from flowalign.shapeworld.world import RELATIONS, holds, relation_slack
 
 POSITION_MARGIN = 0.06
 REQUIRED_KEYS = ("tag", "include", "prompt")
@@ -94,18 +94,10 @@ def _found(dets, clause) -> tuple[list, list]:
     return of_class, of_class
 
 
-def position_slack(rel: str, a, b, margin: float) -> float:
-    """How far point a is inside relation ``rel`` to point b (image-side units): > 0 exactly when ``holds`` (dominance
-    1) is true; min(offset along the axis - margin, offset along the axis - |cross offset|)."""
-    dx, dy = a[0] - b[0], a[1] - b[1]
-    along, cross = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[rel]
-    return min(along - margin, along - abs(cross))
-
-
 def judge(meta: dict, dets: Sequence, position_ramp: float = 0.0) -> tuple[bool, float]:
     """(correct, partial_credit) of one image's detections against one metadata record. With ``position_ramp`` w > 0
     the partial credit's position term is continuous: per object pair clip(0.5 + slack / w, 0, 1), slack from
-    ``position_slack`` (0.5 on the judge's boundary); the verdict is unchanged."""
+    ``world.relation_slack`` (0.5 on the judge's boundary); the verdict is unchanged."""
     terms: list[float] = []
     correct = True
     groups = []
@@ -130,7 +122,7 @@ def judge(meta: dict, dets: Sequence, position_ramp: float = 0.0) -> tuple[bool,
             holds(rel, _get(a, "centroid"), _get(b, "centroid"), POSITION_MARGIN)
             for a in group for b in groups[target])
         if position_ramp > 0 and group and groups[target]:
-            terms.append(float(np.mean([np.clip(0.5 + position_slack(rel, _get(a, "centroid"), _get(b, "centroid"),
+            terms.append(float(np.mean([np.clip(0.5 + relation_slack(rel, _get(a, "centroid"), _get(b, "centroid"),
                                                                      POSITION_MARGIN) / position_ramp, 0, 1)
                                         for a in group for b in groups[target]])))
         else:

@@ -87,19 +87,23 @@ def place(n: int, rng: random.Random, tries: int = 200) -> list[dict]:
     raise RuntimeError(f"could not place {n} objects")
 
 
-def holds(rel: str, a: tuple[float, float], b: tuple[float, float], margin: float, dominance: float = 1.0) -> bool:
-    """Does point a stand in relation ``rel`` to point b by more than ``margin`` on an axis that is at least
-    ``dominance`` times the other offset?"""
+def relation_slack(rel: str, a: tuple[float, float], b: tuple[float, float], margin: float,
+                   dominance: float = 1.0) -> float:
+    """How far point a is inside relation ``rel`` to point b (image-side units, margin >= 0):
+    min(offset along the relation's axis - margin, that offset - dominance x the other offset). > 0 exactly when
+    ``holds``."""
     dx, dy = a[0] - b[0], a[1] - b[1]
-    if rel == "left of":
-        return dx < -margin and abs(dx) > dominance * abs(dy)
-    if rel == "right of":
-        return dx > margin and abs(dx) > dominance * abs(dy)
-    if rel == "above":
-        return dy < -margin and abs(dy) > dominance * abs(dx)
-    if rel == "below":
-        return dy > margin and abs(dy) > dominance * abs(dx)
-    raise ValueError(f"unknown relation {rel!r}; known: {', '.join(RELATIONS)}")
+    axes = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}
+    if rel not in axes:
+        raise ValueError(f"unknown relation {rel!r}; known: {', '.join(RELATIONS)}")
+    along, cross = axes[rel]
+    return min(along - margin, along - dominance * abs(cross))
+
+
+def holds(rel: str, a: tuple[float, float], b: tuple[float, float], margin: float, dominance: float = 1.0) -> bool:
+    """Does point a stand in relation ``rel`` to point b by more than ``margin`` (>= 0) on an axis that is more
+    than ``dominance`` times the other offset?"""
+    return relation_slack(rel, a, b, margin, dominance) > 0
 
 
 def make_metadata(task: str, **kw) -> dict:
