@@ -1,8 +1,9 @@
 """How much signal is in one iteration's policy gradient?
 
 Draws ``--batches`` independent rollout batches of the *same* prompts (a config's sampler, fresh noise each time),
-computes the GRPO policy gradient of each on the trained steps (beta 0, on-policy), and prints the mean pairwise
-cosine between them. Two independent unbiased estimates g1, g2 of a gradient with signal s and per-batch noise n
+computes the gradient of each through the config's algorithm (GRPO's policy gradient on the trained steps,
+DiffusionNFT's or AWM's loss at the noise levels it draws; on-policy, from the start weights), and prints the mean
+pairwise cosine between them. Two independent unbiased estimates g1, g2 of a gradient with signal s and per-batch noise n
 have E[cos] ~ |s|^2 / (|s|^2 + E|n|^2): near 0 means one batch's update is mostly noise, and the signal only
 accumulates over many iterations (the displacement's signal-to-noise grows like sqrt(iterations)).
 
@@ -18,7 +19,6 @@ import statistics
 import torch
 
 from flowalign.config import load_config
-from flowalign.rollout import replay_step, step_rows
 
 
 def main(argv=None) -> dict:
@@ -32,8 +32,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     from flowalign.trainer import Trainer
 
-    cfg = load_config(a.config, ["run.output_dir=/tmp/flowalign_grad_snr", "run.resume=false", "train.beta=0"]
-                      + a.overrides)
+    cfg = load_config(a.config, ["run.output_dir=/tmp/flowalign_grad_snr", "run.resume=false"] + a.overrides)
     tr = Trainer(cfg)
     if a.brightness:
         tr.reward = lambda images, prompts, meta: {"reward": images.mean(dim=(1, 2, 3))}
@@ -41,26 +40,26 @@ def main(argv=None) -> dict:
     tr.prompts_for = lambda it: first(0)  # the same prompts every time, new noise (collect seeds by iteration)
 
     def grad(it: int) -> torch.Tensor:
+        """The gradient of one iteration's whole training work (every kept sample in one micro-batch), through the
+        algorithm's own plan / parts / loss: the same code the trainer runs."""
         traj, r, groups = tr.collect(it)
         adv, _ = tr.advantages(r["reward"], groups)
-        keep = (adv != 0).nonzero().view(-1)
-        sub, adv = traj.index(keep), adv[keep]
+        work = tr.algo.plan(traj, adv, it, torch.Generator().manual_seed(it))
+        mb = work.index(work.keep)
         tr.opt.zero_grad(set_to_none=True)
-        for j in tr.step_pool:
-            rows = step_rows(sub.sde_mask, j, len(sub))  # all rows, or those branched at j
-            if len(rows) == 0:
-                continue
-            part = sub.index(rows)
-            out = replay_step(tr.adapter, part, j, kernel=cfg.sample.kernel)
-            (-(adv[rows] * torch.exp(out.log_prob - part.log_probs[:, j])).sum() / len(sub)).backward()
+        for part in tr.algo.parts(mb):
+            loss, _ = tr.algo.loss(tr.fwd, mb, part)
+            loss.backward()
         return torch.cat([p.grad.flatten() for p in tr.params if p.grad is not None]).clone()
 
     gs = [grad(1000 + k) for k in range(a.batches)]
     cos = [torch.nn.functional.cosine_similarity(x, y, dim=0).item() for x, y in itertools.combinations(gs, 2)]
     res = {"mean_cos": statistics.mean(cos), "sd_cos": statistics.stdev(cos), "pairs": len(cos),
-           "samples_per_batch": cfg.sample.prompts_per_iter * cfg.sample.group_size, "steps": tr.step_pool}
-    print(f"mean pairwise cosine of {a.batches} independent batch gradients ({res['samples_per_batch']} samples, "
-          f"steps {tr.step_pool}): {res['mean_cos']:.4f} (sd over pairs {res['sd_cos']:.4f})")
+           "samples_per_batch": cfg.sample.prompts_per_iter * cfg.sample.group_size,
+           "algorithm": cfg.algorithm.name, "steps": getattr(tr.algo, "step_pool", None)}
+    print(f"{res['algorithm']}: mean pairwise cosine of {a.batches} independent batch gradients "
+          f"({res['samples_per_batch']} samples, steps {res['steps']}): {res['mean_cos']:.4f} "
+          f"(sd over pairs {res['sd_cos']:.4f})")
     return res
 
 

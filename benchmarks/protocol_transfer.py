@@ -31,7 +31,7 @@ def sde_score(adapter, metas, cfg: dict, seed: int, batch_size: int) -> float:
     sig = adapter.schedule(s["num_steps"])
     mask = sde_mask(s["num_steps"], s["sde_steps"])
     if s.get("branching"):
-        pool = torch.tensor(trained_steps(mask, cfg.get("train", {}).get("train_steps", "sde")))
+        pool = torch.tensor(trained_steps(mask, cfg.get("algorithm", {}).get("train_steps", "sde")))
         at = pool[torch.randint(len(pool), (len(metas),), generator=g)]
         mask = torch.nn.functional.one_hot(at, s["num_steps"]).bool()
     images = []

@@ -61,24 +61,16 @@ class SampleCfg:
 
 @dataclass
 class TrainCfg:
-    algorithm: Literal["grpo"] = "grpo"
     iterations: int = 100
     lr: float = 3e-4
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
-    clip_range: float = 1e-4
-    adv_clip: float = 5.0
-    global_std: bool = False
-    beta: float = 0.0                  # weight of the exact per-step Gaussian KL to the reference
     cfg_grad: Literal["both", "cond"] = "both"  # with CFG: train through both branches (flow_grpo) or the
                                                 # conditional one only (the update then transfers across CFG scales)
     inner_epochs: int = 1
     batch_size: int = 64               # training minibatch per process
     updates_per_iter: int = 1          # optimizer steps per iteration and inner epoch
     max_grad_norm: float = 1.0
-    train_steps: str = "sde"           # which stochastic steps are trained: 'sde' (all of them) or 'first:K'
-    timestep_fraction: float = 1.0     # random fraction of those, redrawn every iteration (flow_grpo)
-    step_weighting: Literal["uniform", "std"] = "uniform"  # 'std': loss of step i x std_i / mean std
     ema_decay: float = 0.0             # 0 = no EMA
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     max_nan_streak: int = 3
@@ -112,10 +104,23 @@ class RunCfg:
     resume: bool = True                 # continue from output_dir/checkpoints/latest when it exists
 
 
+def _default_algorithm():
+    from flowalign.algorithms import GRPO
+
+    return GRPO.Config()
+
+
+# keys that moved from train: to the algorithm's own section (a one-line error names the new place)
+MOVED = {f"train.{k}": f"algorithm.{k}" for k in ("clip_range", "adv_clip", "global_std", "beta", "train_steps",
+                                                    "timestep_fraction", "step_weighting")}
+MOVED["train.algorithm"] = "algorithm.name"
+
+
 @dataclass
 class Config:
     model: ModelCfg = field(default_factory=ModelCfg)
     sample: SampleCfg = field(default_factory=SampleCfg)
+    algorithm: typing.Any = field(default_factory=_default_algorithm)  # the algorithm's own config dataclass
     train: TrainCfg = field(default_factory=TrainCfg)
     rewards: dict = field(default_factory=lambda: {"shapeworld": 1.0})
     data: DataCfg = field(default_factory=DataCfg)
@@ -192,10 +197,34 @@ def _from_dict(cls, d, prefix: str = ""):
     kw = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
+        if key in MOVED:
+            raise ConfigError(f"'{key}' moved to '{MOVED[key]}' (the algorithm's own section: "
+                              f"algorithm: {{name: grpo, ...}})")
+        if cls is Config and k == "algorithm":
+            kw[k] = _algorithm_from_dict(v)
+            continue
         if k not in names:
             raise ConfigError(f"unknown key '{key}'; allowed keys{' in ' + prefix if prefix else ''}: {', '.join(names)}")
         kw[k] = _check_value(v, hints[k], key)
     return cls(**kw)
+
+
+def _algorithm_from_dict(d):
+    from flowalign.algorithms import ALGORITHMS
+
+    if isinstance(d, str):
+        d = {"name": d}
+    if not isinstance(d, dict):
+        raise ConfigError(f"algorithm: expected a mapping such as {{name: grpo, ...}}, got {d!r}")
+    name = d.get("name", "grpo")
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name: {name!r} is not allowed; choose one of "
+                          f"{', '.join(map(repr, ALGORITHMS))}")
+    return _from_dict(ALGORITHMS[name].Config, dict(d, name=name), "algorithm")
+
+
+def _err(key: str, msg: str):
+    raise ConfigError(f"{key}: {msg}")
 
 
 def _positive(key: str, v, allow_zero: bool = False):
@@ -209,10 +238,10 @@ def validate(cfg: Config) -> Config:
                    ("sample.group_size", s.group_size), ("sample.batch_size", s.batch_size),
                    ("train.iterations", t.iterations), ("train.lr", t.lr), ("train.batch_size", t.batch_size),
                    ("train.inner_epochs", t.inner_epochs), ("train.updates_per_iter", t.updates_per_iter),
-                   ("train.clip_range", t.clip_range), ("eval.num_steps", cfg.eval.num_steps),
+                   ("eval.num_steps", cfg.eval.num_steps),
                    ("eval.n_per_task", cfg.eval.n_per_task), ("model.lora.rank", cfg.model.lora.rank)]:
         _positive(key, v)
-    for key, v in [("sample.noise_level", s.noise_level), ("train.beta", t.beta), ("train.max_grad_norm", t.max_grad_norm),
+    for key, v in [("sample.noise_level", s.noise_level), ("train.max_grad_norm", t.max_grad_norm),
                    ("train.weight_decay", t.weight_decay), ("eval.every", cfg.eval.every),
                    ("run.checkpoint_every", cfg.run.checkpoint_every)]:
         _positive(key, v, allow_zero=True)
@@ -225,15 +254,29 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"sample.antithetic: pairs (+noise, -noise) need sample.shared_noise: true and an even "
                           f"sample.group_size (got shared_noise={s.shared_noise}, group_size={s.group_size})")
     if s.group_size < 2:
-        raise ConfigError(f"sample.group_size: GRPO needs at least 2 images per prompt, got {s.group_size}")
-    if not 0 < t.timestep_fraction <= 1:
-        raise ConfigError(f"train.timestep_fraction: must be in (0, 1], got {t.timestep_fraction}")
+        raise ConfigError(f"sample.group_size: group advantages need at least 2 images per prompt, got {s.group_size}")
+    for key, g in (("sample.guidance", s.guidance), ("eval.guidance", cfg.eval.guidance)):
+        if not g >= 1:
+            raise ConfigError(f"{key}: the CFG scale must be >= 1 (1 = no guidance), got {g}")
+    top = {"sde": 2.0, "cps": 1.0}[s.kernel]
+    if s.noise_level > top:
+        raise ConfigError(f"sample.noise_level: must be in [0, {top:g}] for kernel {s.kernel!r} (flow_grpo uses 0.7), "
+                          f"got {s.noise_level}")
+    if cfg.model.resolution is not None and cfg.model.resolution <= 0:
+        raise ConfigError(f"model.resolution: must be > 0 (pixels), got {cfg.model.resolution}")
+    from flowalign.algorithms import ALGORITHMS
+
+    algo = ALGORITHMS[cfg.algorithm.name]
+    cfg.algorithm.validate(_err)
+    if not algo.stochastic:
+        for key in ("shared_noise", "branching", "antithetic"):
+            if getattr(s, key):
+                raise ConfigError(f"sample.{key}: algorithm {cfg.algorithm.name!r} rolls out with the ODE (no SDE "
+                                  f"steps), so there is nothing to share or branch; set sample.{key}: false")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if len(t.adam_betas) != 2:
         raise ConfigError(f"train.adam_betas: expected two numbers, got {t.adam_betas!r}")
-    if t.train_steps != "sde" and not (t.train_steps.startswith("first:") and t.train_steps[6:].isdigit()):
-        raise ConfigError(f"train.train_steps: use 'sde' or 'first:K', got {t.train_steps!r}")
     from flowalign.rollout import sde_mask
 
     try:
@@ -259,11 +302,16 @@ def load_config(path_or_dict, overrides: list[str] | None = None) -> Config:
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            d = yaml.safe_load(p.read_text()) or {}
+            d = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        if d is None:  # an empty file would otherwise run the whole default job
+            raise ConfigError(f"{p}: the config file is empty; start from one of configs/*.yaml")
+        if not isinstance(d, dict):
+            raise ConfigError(f"{p}: a config is a mapping of sections (model:, sample:, train:, ...), "
+                              f"got a {type(d).__name__}")
     d = json.loads(json.dumps(d))  # deep copy
     for o in overrides or []:
         if "=" not in o:
@@ -273,6 +321,8 @@ def load_config(path_or_dict, overrides: list[str] | None = None) -> Config:
         parts = k.split(".")
         for part in parts[:-1]:
             cur = cur.setdefault(part, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"override {o!r}: {part!r} is not a section")
         cur[parts[-1]] = yaml.safe_load(v)
     return validate(_from_dict(Config, d))
 

@@ -143,10 +143,12 @@ def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_le
                       noise_block=noise_block)
 
 
-def replay_step(adapter, traj: Trajectory, i: int, kernel: str = "sde"):
-    """Score transition i of the stored trajectories under the adapter's current weights (with gradients)."""
+def replay_step(adapter, traj: Trajectory, i: int, kernel: str = "sde", **kw):
+    """Score transition i of the stored trajectories under the adapter's current weights (with gradients).
+    ``adapter`` is an adapter or an ``algorithms.base.Forward``; ``kw`` go to its ``step`` (``module``,
+    ``cfg_grad``, or a Forward's ``policy``)."""
     return adapter.step(traj.latents[:, i], traj.sigmas, i, traj.cond, traj.guidance, traj.noise_level,
-                        next_x=traj.latents[:, i + 1], kernel=kernel, noise_block=traj.noise_block)
+                        next_x=traj.latents[:, i + 1], kernel=kernel, noise_block=traj.noise_block, **kw)
 
 
 @torch.no_grad()

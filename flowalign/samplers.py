@@ -83,6 +83,17 @@ def flow_sde_std(sigma, noise_level: float, sigma_cap: float | None = None) -> t
     return noise_level * torch.sqrt(sigma / denom)
 
 
+def step_std(sigmas: torch.Tensor, i: int, noise_level: float, kernel: str = "sde") -> float:
+    """The std of step i's Gaussian transition under a kernel: the flow SDE's s_t sqrt(sigma_i - sigma_{i+1})
+    (``flow_sde_step``), or CPS's sigma_{i+1} sin(a pi / 2) (``cps_step``)."""
+    sig = torch.as_tensor(sigmas).float().cpu()
+    if kernel == "cps":
+        return float(sig[i + 1] * math.sin(noise_level * math.pi / 2))
+    if kernel != "sde":
+        raise ValueError(f"unknown kernel {kernel!r}: 'sde' or 'cps'")
+    return float(flow_sde_std(sig[i], noise_level, float(sig[1])) * (sig[i] - sig[i + 1]).sqrt())
+
+
 def block_project(y: torch.Tensor, f: int) -> torch.Tensor:
     """P y: each f x f spatial block replaced by its mean (an orthogonal projection; identity for f = 1)."""
     if f == 1:

@@ -1,9 +1,11 @@
 """The trainer: wires adapter, rollout, rewards and algorithm together; accelerate owns devices and processes.
 
 Per iteration: draw prompts (the same list on every process), repeat each ``group_size`` times, shuffle, give each
-process its slice -> rollout with log-probs -> rewards -> gather rewards and prompt ids from all processes ->
-per-prompt group advantages -> each process takes its slice -> PPO-clipped loss (+ beta x exact KL) on the chosen
-steps, ``inner_epochs`` passes, ``updates_per_iter`` optimizer steps per pass -> EMA, logs, checkpoints.
+process its slice -> rollout as the algorithm asks (SDE with log-probs, or ODE; which policy samples) -> rewards ->
+gather rewards and group ids from all processes -> per-prompt group advantages -> each process takes its slice ->
+the algorithm's plan (which samples, steps or noise levels) -> micro-batches of its loss, ``inner_epochs`` passes,
+``updates_per_iter`` optimizer steps per pass -> the algorithm's hooks, EMA, logs, checkpoints. The trainer never
+branches on which algorithm runs (``flowalign/algorithms/base.py`` is the protocol).
 """
 from __future__ import annotations
 
@@ -17,10 +19,9 @@ import numpy as np
 import torch
 
 from flowalign import checkpoint as ckpt
-from flowalign.algorithms import ALGORITHMS
+from flowalign.algorithms import ALGORITHMS, Context, Forward
 from flowalign.config import Config, ConfigError, Derived
-from flowalign.rollout import Trajectory, replay_step, rollout, sde_mask, step_rows, trained_steps
-from flowalign.samplers import flow_sde_std, gaussian_kl
+from flowalign.rollout import Trajectory, rollout, sde_mask
 
 
 class TrainingError(RuntimeError):
@@ -64,29 +65,28 @@ class Trainer:
         self.eval_sets = {"test": subsample(load_metadata(resolve_prompts(cfg.data.eval)), cfg.eval.n_per_task)}
         if cfg.data.eval_unseen:
             self.eval_sets["unseen"] = subsample(load_metadata(resolve_prompts(cfg.data.eval_unseen)), cfg.eval.n_per_task)
-        self.algo = ALGORITHMS[cfg.train.algorithm](clip_range=cfg.train.clip_range, adv_clip=cfg.train.adv_clip,
-                                                    global_std=cfg.train.global_std, beta=cfg.train.beta)
+        self.sigmas = self.adapter.schedule(cfg.sample.num_steps).to(self.acc.device)
+        self.mask = sde_mask(cfg.sample.num_steps, cfg.sample.sde_steps)
+        self.algo = ALGORITHMS[cfg.algorithm.name](cfg.algorithm, Context(
+            sample=cfg.sample, sigmas=self.sigmas.cpu(), sde_mask=self.mask, world=self.d.world, seed=cfg.run.seed))
+        self.spec = self.algo.rollout_spec()
+        if not self.spec.stochastic:
+            self.mask = torch.zeros_like(self.mask)
         lora = cfg.model.lora
         params = (self.adapter.add_lora(lora.rank, lora.alpha, init=lora.init if lora.init != "default" else True)
                   if lora.enabled else self.adapter.full_finetune())
-        if self.algo.needs_reference:
-            self.adapter.freeze_reference()
+        for name in self.algo.policies():
+            self.adapter.add_policy(name)
         if cfg.model.gradient_checkpointing:
             self.adapter.enable_gradient_checkpointing()
         self.params = params
-        self.adapter.cfg_grad = cfg.train.cfg_grad
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                 weight_decay=cfg.train.weight_decay)
         # self.model is the (possibly DDP-wrapped) transformer; it is used for the policy forwards of training only
         # (rollout and eval run the plain module: no gradient, no collective calls)
         self.model, self.opt = self.acc.prepare(self.adapter.transformer, opt)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay > 0 else None
-        self.sigmas = self.adapter.schedule(cfg.sample.num_steps).to(self.acc.device)
-        self.mask = sde_mask(cfg.sample.num_steps, cfg.sample.sde_steps)
-        self.step_pool = trained_steps(self.mask, cfg.train.train_steps)
-        sig = self.sigmas.cpu()
-        self.step_std = [float(flow_sde_std(sig[i], cfg.sample.noise_level, float(sig[1])) * (sig[i] - sig[i + 1]).sqrt())
-                         for i in range(cfg.sample.num_steps)]
+        self.fwd = Forward(self.adapter, module=self.model, cfg_grad=cfg.train.cfg_grad)
         self.iteration, self.nan_streak, self.nan_skipped = 0, 0, 0
         self.evals: list[dict] = []
         self.is_main = self.acc.is_main_process
@@ -133,18 +133,24 @@ class Trainer:
         mask = self.mask
         if s.branching:  # one stochastic step per group, the same draw on every process
             rng = random.Random(self.cfg.run.seed * 7919 + it * 131 + 11)
-            at = [rng.choice(self.step_pool) for _ in range(s.prompts_per_iter)]
+            pool = self.spec.branch_steps or self.mask.nonzero().view(-1).tolist()
+            at = [rng.choice(pool) for _ in range(s.prompts_per_iter)]
             mask = torch.zeros(len(metas), s.num_steps, dtype=torch.bool)
             mask[torch.arange(len(metas)), torch.tensor([at[g] for g in groups], dtype=torch.long)] = True
+        def sampling():  # the policy the algorithm samples with
+            return self.adapter.policy(self.spec.policy) if self.spec.policy != "current" else contextlib.nullcontext()
+
+        noise_level = s.noise_level if self.spec.stochastic else 0.0
         for k in range(0, len(metas), s.batch_size):
             mb = metas[k:k + s.batch_size]
             prompts = [m["prompt"] for m in mb]
             cond = self.adapter.encode(prompts, negative="" if s.guidance > 1 else None)
-            tr = rollout(self.adapter, cond, self.sigmas, s.guidance, s.noise_level,
-                         mask[k:k + s.batch_size] if mask.ndim == 2 else mask, generator=gen,
-                         x=None if x_T is None else x_T[k:k + s.batch_size],
-                         prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block,
-                         noises=None if noises is None else noises[k:k + s.batch_size])
+            with sampling():
+                tr = rollout(self.adapter, cond, self.sigmas, s.guidance, noise_level,
+                             mask[k:k + s.batch_size] if mask.ndim == 2 else mask, generator=gen,
+                             x=None if x_T is None else x_T[k:k + s.batch_size],
+                             prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block,
+                             noises=None if noises is None else noises[k:k + s.batch_size])
             rewards.append(self.reward(tr.images, prompts, mb))
             trajs.append(tr)
         traj = Trajectory.cat(trajs)
@@ -173,78 +179,65 @@ class Trainer:
         return {k: float(np.mean(v)) for k, v in sorted(out.items())}
 
     def train_on(self, traj: Trajectory, adv: torch.Tensor, it: int) -> dict:
-        t = self.cfg.train
-        rng = random.Random(self.cfg.run.seed * 31 + it)
-        k = max(1, round(t.timestep_fraction * len(self.step_pool)))
-        # branching: every sample is trained on its own stochastic step (the pool holds them all)
-        steps = list(self.step_pool) if self.cfg.sample.branching else sorted(rng.sample(self.step_pool, k))
-        w = {j: 1.0 for j in steps}
-        if t.step_weighting == "std":
-            m = float(np.mean([self.step_std[j] for j in steps]))
-            w = {j: float(self.step_std[j]) / m for j in steps}
-        stats: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 17 + it)
-        # samples with zero advantage (groups that all scored the same) carry no policy gradient: skip them, as
-        # flow_grpo does (with beta > 0 they would only add KL; the other samples keep that term)
-        # (one process only: with several, every process must run the same number of backward passes)
-        keep = (adv != 0).nonzero().view(-1).cpu() if self.d.world == 1 else torch.arange(len(traj))
-        n = len(keep)
+        work = self.algo.plan(traj, adv, it, gen)
+        n = len(work.keep)
         if n == 0:
             return {"trained_frac": 0.0}
-        self.adapter.forward_module = self.model
-        try:
-            self._train_passes(traj, adv, keep, steps, w, stats, gen)
-        finally:
-            self.adapter.forward_module = None
+        stats: dict[str, list[float]] = {}
+        self._train_passes(work, stats, gen)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out["trained_frac"] = n / len(traj)
         for key in ("ratio_dev", "onpolicy_ratio_dev"):
-            out[key] = float(np.max(stats.get(key, [0.0])))
+            if key in stats:
+                out[key] = float(np.max(stats[key]))
         return out
 
-    def _train_passes(self, traj, adv, keep, steps, w, stats, gen):
+    def _minibatches(self, keep: torch.Tensor, unit: int, gen: torch.Generator) -> list[torch.Tensor]:
+        """Shuffle the kept samples (whole units of ``unit`` consecutive ones: a pair, a group) into mini-batches."""
         t = self.cfg.train
-        n = len(keep)
+        if unit == 1:
+            perm = keep[torch.randperm(len(keep), generator=gen)]
+        else:
+            units = keep.view(-1, unit)
+            perm = units[torch.randperm(len(units), generator=gen)].reshape(-1)
+        per = max(unit, t.batch_size - t.batch_size % unit)
+        return list(perm.split(per))
+
+    def _train_passes(self, work, stats: dict, gen: torch.Generator):
+        t = self.cfg.train
         stepped = False
         for _ in range(t.inner_epochs):
-            perm = keep[torch.randperm(n, generator=gen)]
-            batches = perm.split(t.batch_size)
-            for b, idx in enumerate(batches):
-                sub, a = traj.index(idx), adv[idx.to(adv.device)]
-                sync = (b + 1) % self.d.accumulation == 0 or b == len(batches) - 1
-                for j in steps:
-                    # gradients are all-reduced once per optimizer step: at the last backward before it
-                    last = sync and j == steps[-1]
-                    part, pa, scale = sub, a, 1.0 / len(steps)
-                    if sub.sde_mask.ndim == 2:  # per-sample steps: the rows stochastic at j, weighted by their share
-                        rows = step_rows(sub.sde_mask, j, len(sub))
-                        if len(rows) == 0 and self.d.world == 1:
-                            continue
-                        # (with several processes every one runs the same backward passes: a zero-weight row)
-                        scale = len(rows) / len(sub)
-                        rows = rows if len(rows) else torch.zeros(1, dtype=torch.long)
-                        part, pa = sub.index(rows), a[rows.to(a.device)]
-                    with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
-                        out = replay_step(self.adapter, part, j, kernel=self.cfg.sample.kernel)
-                        kl = None
-                        if self.algo.needs_reference:
-                            with torch.no_grad(), self.adapter.reference():
-                                ref = replay_step(self.adapter, part, j, kernel=self.cfg.sample.kernel)
-                            kl = gaussian_kl(out.mean, ref.mean, out.std)
-                        loss, st = self.algo.step_loss(out.log_prob, part.log_probs[:, j], pa, kl)
-                        self.acc.backward(loss * w[j] * scale / self.d.accumulation)
+            batches = self._minibatches(work.keep, work.unit, gen)
+            # updates_per_iter optimizer steps per pass, each over its share of the mini-batches; every loss is a
+            # mean over its samples, so a mini-batch counts by its number of samples (the last may be short, and
+            # the zero-advantage filter may have left fewer mini-batches than the config's arithmetic assumes)
+            n_up = min(t.updates_per_iter, len(batches))
+            chunks = [batches[i * len(batches) // n_up:(i + 1) * len(batches) // n_up] for i in range(n_up)]
+            for chunk in chunks:
+                total = sum(len(b) for b in chunk)
+                for b, idx in enumerate(chunk):
+                    mb = work.index(idx)
+                    parts = self.algo.parts(mb)
+                    even = all(len(x) == len(idx) for x in chunk)
+                    for k, part in enumerate(parts):
+                        # gradients are all-reduced once per optimizer step: at the last backward before it
+                        last = b == len(chunk) - 1 and k == len(parts) - 1
+                        with contextlib.nullcontext() if last else self.acc.no_sync(self.model):
+                            loss, st = self.algo.loss(self.fwd, mb, part)
+                            self.acc.backward(loss / len(chunk) if even else loss * (len(idx) / total))
                         for key, v in st.items():
                             stats.setdefault(key, []).append(v)
-                        if not stepped:  # before the first optimizer step the ratio must be exactly 1
+                        if not stepped and "ratio_dev" in st:  # before the first optimizer step the ratio is 1
                             stats.setdefault("onpolicy_ratio_dev", []).append(st["ratio_dev"])
-                if sync:
-                    stepped = True
-                    gn = self.acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-                    self.opt.step()
-                    self.opt.zero_grad(set_to_none=True)
-                    if gn is not None:
-                        stats.setdefault("grad_norm", []).append(float(gn))
-                    self.update_ema()
+                stepped = True
+                gn = self.acc.clip_grad_norm_(self.params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                if gn is not None:
+                    stats.setdefault("grad_norm", []).append(float(gn))
+                self.algo.after_step(self.adapter)
+                self.update_ema()
 
     def update_ema(self):
         if self.ema is None:

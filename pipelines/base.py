@@ -5,11 +5,16 @@ One adapter per diffusers family; nothing outside ``flowalign.pipelines`` touche
     adapter.encode(prompts, negative="")      -> Cond (text conditioning, computed once per batch)
     adapter.init_noise(n, generator(s))       -> x_T, shape (n, *adapter.latent_shape())
     adapter.schedule(num_steps)               -> sigmas (T+1,), the family's shift applied, last 0
-    adapter.predict(x, sigma, cond, guidance) -> velocity (flow) or epsilon (DDPM), CFG inside
+    adapter.predict(x, sigma, cond, guidance, module=None, cfg_grad="both")
+                                              -> velocity (flow) or epsilon (DDPM), CFG inside; ``module`` is the
+                                                 (wrapped) trained module to run, ``cfg_grad`` which CFG branches
+                                                 carry gradients
     adapter.step(x, sigmas, i, cond, ...)     -> samplers.StepOutput; samples when next_x is None, scores otherwise
     adapter.decode(latents, differentiable)   -> images (B, 3, H, W) in [0, 1]
     adapter.denoiser                          -> the trainable module
-    adapter.reference()                       -> context manager: predictions of the frozen reference model
+    adapter.add_policy(name) / policy(name)   -> named policies besides the trained one ("reference": the frozen
+                                                 start; "old", "ema", ...: moved by snapshot_policy / lerp_policy);
+                                                 ``policy(name)`` is a context manager, ``reference()`` its alias
 """
 from __future__ import annotations
 

@@ -35,10 +35,10 @@ class SD3Adapter:
         # without T5 the sequence is CLIP tokens only: max_sequence_length 0 adds no padded T5 rows
         self.max_sequence_length = (0 if pipe.text_encoder_3 is None else 256) if max_sequence_length is None \
             else max_sequence_length
-        self._ref_module: torch.nn.Module | None = None  # frozen copy (full fine-tuning)
-        self._use_ref = False
-        self.forward_module: torch.nn.Module | None = None  # the trainer's wrapped transformer (DDP), if any
-        self.cfg_grad = "both"  # "cond": with CFG, training gradients flow through the conditional branch only
+        # named policies besides the trained one: a frozen module copy (full fine-tuning), the LoRA tensors of that
+        # policy (LoRA; swapped in for its forwards), or None for the reference of a LoRA run (adapters disabled)
+        self._policies: dict[str, torch.nn.Module | list[torch.Tensor] | None] = {}
+        self._active: str | None = None  # the named policy ``predict`` uses inside ``policy(name)``
         self.lora_config = None
 
     # ------------------------------------------------------------------------------------------ loading
@@ -98,20 +98,30 @@ class SD3Adapter:
         sch.set_timesteps(num_steps)
         return sch.sigmas.float().cpu().clone()
 
-    def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0) -> torch.Tensor:
-        """Velocity at (x, sigma); CFG ``u + g (c - u)`` when guidance > 1 and the cond has negatives."""
-        if self._use_ref:
-            model = self._ref_module if self._ref_module is not None else self.transformer
+    def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0, module: torch.nn.Module | None = None,
+                cfg_grad: str = "both") -> torch.Tensor:
+        """Velocity at (x, sigma); CFG ``u + g (c - u)`` when guidance > 1 and the cond has negatives.
+
+        ``module``: the module to run for the trained policy (the trainer's accelerate-wrapped transformer, so that
+        DDP sees its forwards); default the adapter's own. Inside ``policy(name)`` the named policy runs instead.
+        ``cfg_grad``: "both" (gradients through both CFG branches, flow_grpo), or "cond" (the unconditional
+        prediction under no_grad: the prompt-agnostic branch is not trained, and the update transfers across CFG
+        scales)."""
+        if cfg_grad not in ("both", "cond"):
+            raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
+        pol = self._policies.get(self._active) if self._active else None
+        if isinstance(pol, torch.nn.Module):
+            model = pol
+        elif self._active is not None:  # LoRA tensors swapped in, or adapters disabled: the plain module
+            model = self.transformer
         else:
-            model = self.forward_module if self.forward_module is not None else self.transformer
+            model = module if module is not None else self.transformer
         B = x.shape[0]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B) * 1000
         use_cfg = guidance > 1.0 and cond.neg_embeds is not None
-        if use_cfg and self.cfg_grad == "cond" and torch.is_grad_enabled():
-            # gradients through the conditional branch only: the unconditional prediction is prompt-agnostic, and
-            # training it couples the update to the CFG scale used in training (see ARCHITECTURE.md)
+        if use_cfg and cfg_grad == "cond" and torch.is_grad_enabled():
             with torch.no_grad():
-                plain = self.transformer if not self._use_ref else model
+                plain = self.transformer if self._active is None else model
                 u = plain(hidden_states=x, timestep=t, encoder_hidden_states=cond.neg_embeds,
                           pooled_projections=cond.neg_pooled, return_dict=False)[0].float()
             c = model(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
@@ -128,10 +138,12 @@ class SD3Adapter:
 
     def step(self, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Cond, guidance: float = 1.0,
              noise_level: float = 0.0, next_x: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             kernel: str = "sde", noise_block: int = 1) -> samplers.StepOutput:
+             kernel: str = "sde", noise_block: int = 1, module: torch.nn.Module | None = None,
+             cfg_grad: str = "both") -> samplers.StepOutput:
         """Step i (sigma_i -> sigma_{i+1}); ODE when noise_level == 0; samples when next_x is None, otherwise
-        scores the stored transition (rollout and replay are the same code)."""
-        v = self.predict(x, sigmas[i], cond, guidance)
+        scores the stored transition (rollout and replay are the same code). ``module`` / ``cfg_grad``: as
+        ``predict``."""
+        v = self.predict(x, sigmas[i], cond, guidance, module=module, cfg_grad=cfg_grad)
         if noise_level == 0:
             return samplers.ode_step(x, v, sigmas[i], sigmas[i + 1])
         if kernel == "cps":
@@ -165,26 +177,76 @@ class SD3Adapter:
     def trainable_parameters(self):
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
+    # ------------------------------------------------------------------------------------------ named policies
+    def add_policy(self, name: str) -> None:
+        """Keep a policy besides the trained one, initialised to the current weights: ``"reference"`` (the frozen
+        start: for a LoRA run the adapters disabled, nothing stored) or any other name (e.g. ``"old"``: moved with
+        ``snapshot_policy`` / ``lerp_policy``). Full fine-tuning keeps a frozen module copy; a LoRA run keeps a copy
+        of the LoRA tensors only, swapped in for that policy's forwards (a second adapter's worth of memory)."""
+        if name in self._policies:
+            return
+        if name == "reference" and self.lora_config is not None:
+            self._policies[name] = None
+        elif self.lora_config is not None:
+            self._policies[name] = [p.detach().clone() for p in self.trainable_parameters()]
+        else:
+            self._policies[name] = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+
+    def _policy_tensors(self, name: str) -> list[torch.Tensor]:
+        pol = self._policies.get(name, "missing")
+        if pol is None or isinstance(pol, str):
+            raise RuntimeError(f"policy {name!r} has no weights of its own (known: {sorted(self._policies)})")
+        return [p for p in pol.parameters()] if isinstance(pol, torch.nn.Module) else pol
+
+    @torch.no_grad()
+    def snapshot_policy(self, name: str) -> None:
+        """Set a named policy to the current trained weights."""
+        self.lerp_policy(name, 1.0)
+
+    @torch.no_grad()
+    def lerp_policy(self, name: str, weight: float) -> None:
+        """policy <- policy + weight x (current - policy) (EMA of the trained weights with decay 1 - weight)."""
+        live = self.trainable_parameters() if self.lora_config is not None else list(self.transformer.parameters())
+        torch._foreach_lerp_(self._policy_tensors(name), [p.detach() for p in live], float(weight))
+
     @contextlib.contextmanager
-    def reference(self):
-        """Inside, ``predict`` uses the reference model: LoRA disabled, or a frozen copy taken at the first call
-        (full fine-tuning)."""
-        if self.lora_config is None and self._ref_module is None:
-            raise RuntimeError("no reference model: call adapter.freeze_reference() before training")
-        if self.lora_config is not None:
+    def policy(self, name: str):
+        """Inside, ``predict`` uses the named policy (see ``add_policy``); use it under no_grad."""
+        if name not in self._policies:
+            raise RuntimeError(f"no policy {name!r}: call adapter.add_policy({name!r}) before training "
+                               f"(known: {sorted(self._policies)})")
+        if self._active is not None:
+            raise RuntimeError(f"policy({name!r}) inside policy({self._active!r})")
+        pol = self._policies[name]
+        swap = isinstance(pol, list)
+        params = self.trainable_parameters() if swap else []
+        if pol is None:
             self.transformer.disable_adapters()
-        self._use_ref = True
+        elif swap:  # LoRA: put that policy's tensors in place (pointer swap, no copy)
+            for p, s in zip(params, pol):
+                p.data, s.data = s.data, p.data
+        self._active = name
         try:
             yield
         finally:
-            self._use_ref = False
-            if self.lora_config is not None:
+            self._active = None
+            if pol is None:
                 self.transformer.enable_adapters()
+            elif swap:
+                for p, s in zip(params, pol):
+                    p.data, s.data = s.data, p.data
+
+    def reference(self):
+        """Inside, ``predict`` uses the reference model: LoRA disabled, or a frozen copy (full fine-tuning)."""
+        if "reference" not in self._policies:
+            if self.lora_config is None:
+                raise RuntimeError("no reference model: call adapter.add_policy('reference') before training")
+            self.add_policy("reference")  # a LoRA run's reference needs no storage: the adapters disabled
+        return self.policy("reference")
 
     def freeze_reference(self):
-        """Keep a frozen copy of the current weights as the reference (only needed for full fine-tuning)."""
-        if self.lora_config is None and self._ref_module is None:
-            self._ref_module = copy.deepcopy(self.transformer).requires_grad_(False).eval()
+        """Keep the current weights as the reference (``add_policy('reference')``)."""
+        self.add_policy("reference")
 
     def enable_gradient_checkpointing(self):
         self.transformer.enable_gradient_checkpointing()

@@ -162,15 +162,12 @@ def test_cfg_grad_cond_keeps_the_value_and_trains_only_the_conditional_branch(ti
 
     try:
         both = ad.predict(x, 0.6, cond, g)
-        ad.cfg_grad = "cond"
-        only = ad.predict(x, 0.6, cond, g)
+        only = ad.predict(x, 0.6, cond, g, cfg_grad="cond")
         assert torch.allclose(both, only, atol=1e-5)
-        g_cond = grads(lambda: ad.predict(x, 0.6, cond, g))
-        ad.cfg_grad = "both"
-        g_both = grads(lambda: ad.predict(x, 0.6, cond, g))
+        g_cond = grads(lambda: ad.predict(x, 0.6, cond, g, cfg_grad="cond"))
+        g_both = grads(lambda: ad.predict(x, 0.6, cond, g, cfg_grad="both"))
         g_c = grads(lambda: ad.predict(x, 0.6, Cond(cond.embeds, cond.pooled), 1.0))
     finally:
-        ad.cfg_grad = "both"
         ad.transformer.requires_grad_(False)
     assert torch.allclose(g_cond, g * g_c, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(g_both, g_cond, rtol=1e-3, atol=1e-6)

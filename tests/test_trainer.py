@@ -42,7 +42,8 @@ register("test_nan")(lambda: NaNFirst())
 def tiny_cfg(model_path, out, **over):
     d = {"model": {"path": model_path, "lora": {"rank": 4, "alpha": 8}},
          "sample": {"num_steps": 4, "prompts_per_iter": 2, "group_size": 4, "batch_size": 8},
-         "train": {"iterations": 2, "lr": 1e-2, "batch_size": 4, "updates_per_iter": 2, "beta": 0.01},
+         "algorithm": {"name": "grpo", "beta": 0.01},
+         "train": {"iterations": 2, "lr": 1e-2, "batch_size": 4, "updates_per_iter": 2},
          "rewards": {"test_brightness": 1.0},
          "eval": {"num_steps": 2, "n_per_task": 1},
          "run": {"output_dir": str(out), "checkpoint_every": 1}}
@@ -103,7 +104,7 @@ def test_protocol_transfer_scores_a_branching_run_with_its_own_sampler(tiny_adap
     monkeypatch.setattr(protocol_transfer, "rollout", spy)
     metas = subsample(benchmark_metadata("shapeworld-geneval"), 2)
     cfg = {"sample": {"num_steps": 4, "sde_steps": "all_but_last", "guidance": 2.0, "noise_level": 0.7,
-                      "kernel": "sde", "branching": True}, "train": {"train_steps": "first:2"}}
+                      "kernel": "sde", "branching": True}, "algorithm": {"train_steps": "first:2"}}
     score = protocol_transfer.sde_score(tiny_adapter, metas, cfg, seed=0, batch_size=5)
     mask = torch.cat(seen)
     assert 0 <= score <= 1 and mask.shape == (len(metas), 4)
@@ -236,8 +237,8 @@ def test_shared_noise_gives_one_start_per_group(tiny_sd3, tmp_path, shared):
 def test_branching_gives_each_group_one_stochastic_step_and_trains(tiny_sd3, tmp_path):
     """TempFlow branching: a group shares x_T and the ODE path up to one stochastic step (from the trained pool),
     so its members differ only after it; training replays each sample at its own step (ratio exactly 1)."""
-    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", train={"batch_size": 8, "updates_per_iter": 1,
-                                                             "train_steps": "first:2", "lr": 1e-2},
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", train={"batch_size": 8, "updates_per_iter": 1, "lr": 1e-2},
+                         algorithm={"name": "grpo", "train_steps": "first:2"},
                          sample={"num_steps": 4, "prompts_per_iter": 4, "group_size": 4, "batch_size": 6,
                                  "shared_noise": True, "branching": True, "sde_steps": "all_but_last"}))
     seen = set()
@@ -287,7 +288,7 @@ def test_a_smooth_reward_climbs_on_the_shapeworld_model(tmp_path):
     """The real 2.3 M-param ShapeWorld model, Flow-GRPO on mean brightness for 12 iterations: the reward rises."""
     cfg = tiny_cfg("shapeworld", tmp_path / "run", model={"path": "shapeworld", "lora": {"enabled": False}},
                    sample={"num_steps": 6, "prompts_per_iter": 4, "group_size": 8, "batch_size": 32},
-                   train={"iterations": 12, "lr": 1e-3, "batch_size": 32, "beta": 0.0},
+                   train={"iterations": 12, "lr": 1e-3, "batch_size": 32}, algorithm={"name": "grpo"},
                    eval={"num_steps": 2, "n_per_task": 1}, run={"output_dir": str(tmp_path / "run"),
                                                                   "checkpoint_every": 0})
     Trainer(cfg).run()

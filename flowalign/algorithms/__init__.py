@@ -1,6 +1,11 @@
-"""Algorithms: given trajectories and rewards, prepare targets and return per-step losses."""
+"""Algorithms, one file each, on the protocol of ``base.py``: ``ALGORITHMS[name]`` is the class, ``Class.Config``
+its YAML section (``algorithm: {name: ..., ...}``)."""
+from .awm import AWM
+from .base import Algorithm, Context, Forward, RolloutSpec, Work
 from .grpo import GRPO, clipped_policy_loss, group_advantages
+from .nft import NFT
 
-ALGORITHMS = {"grpo": GRPO}
+ALGORITHMS = {cls.name: cls for cls in (GRPO, NFT, AWM)}
 
-__all__ = ["ALGORITHMS", "GRPO", "clipped_policy_loss", "group_advantages"]
+__all__ = ["ALGORITHMS", "AWM", "Algorithm", "Context", "Forward", "GRPO", "NFT", "RolloutSpec", "Work",
+           "clipped_policy_loss", "group_advantages"]
