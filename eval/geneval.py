@@ -15,6 +15,16 @@ Rules (GenEval's, with the differences an exact detector allows, each noted):
 sub-scores of count (1 - |n-k|/k, floored at 0: extra objects of a named class cost as much as missing ones),
 colour (fraction of the needed objects with the colour) and position (0/1). An "at least" count would pay a
 policy for drawing more objects, which GenEval's exact counts and all-pairs position rule then punish.
+
+``judge(meta, dets, strict=True)`` is the *strict* verdict: only unambiguous detections (``unambiguous`` true;
+the ShapeWorld detectors set it) fill an ``include`` clause or take part in a position, while an ``exclude``
+clause counts every detection that could be of its class: unambiguous ones of the class, and ambiguous ones
+whose best *or runner-up* shape is the class (and whose colour matches when the clause names one). A clause
+that names a colour also needs ``color_clear`` (default true) of its objects. So "exactly three crosses" fails
+on three clean crosses and a fourth blob that might be a cross, and "a red square" needs a square that is
+clearly a square and clearly red (a two-tone square is clearly a square for "a square and a circle").
+Detections without an ``unambiguous`` key (e.g. the OWLv2 backend) cannot be judged strictly: a ``ValueError``
+says so.
 """
 from __future__ import annotations
 
@@ -86,24 +96,52 @@ def _get(d, key):
     return d[key] if isinstance(d, dict) else getattr(d, key)
 
 
-def _found(dets, clause) -> tuple[list, list]:
+def _opt(d, key, default=None):
+    return d.get(key, default) if isinstance(d, dict) else getattr(d, key, default)
+
+
+def _unambiguous(d) -> bool:
+    v = _opt(d, "unambiguous")
+    if v is None:
+        raise ValueError("strict judging needs detections with an 'unambiguous' flag (the ShapeWorld detectors "
+                         "set it); this backend's detections have none")
+    return bool(v)
+
+
+def _exclusion_count(dets, clause) -> int:
+    """How many detections could be an object of an exclude clause under the strict verdict."""
+    n = 0
+    for d in dets:
+        if "color" in clause and _get(d, "color") != clause["color"]:
+            continue
+        if _get(d, "cls") == clause["class"] or (not _unambiguous(d) and _opt(d, "runner_up") == clause["class"]):
+            n += 1
+    return n
+
+
+def _found(dets, clause, strict: bool = False) -> tuple[list, list]:
     of_class = [d for d in dets if _get(d, "cls") == clause["class"]]
     of_class.sort(key=lambda d: -_get(d, "score"))
     if "color" in clause:
-        return of_class, [d for d in of_class if _get(d, "color") == clause["color"]]
+        return of_class, [d for d in of_class if _get(d, "color") == clause["color"]
+                          and (not strict or _opt(d, "color_clear", True))]
     return of_class, of_class
 
 
-def judge(meta: dict, dets: Sequence, position_ramp: float = 0.0) -> tuple[bool, float]:
+def judge(meta: dict, dets: Sequence, position_ramp: float = 0.0, strict: bool = False) -> tuple[bool, float]:
     """(correct, partial_credit) of one image's detections against one metadata record. With ``position_ramp`` w > 0
     the partial credit's position term is continuous: per object pair clip(0.5 + slack / w, 0, 1), slack from
-    ``world.relation_slack`` (0.5 on the judge's boundary); the verdict is unchanged."""
+    ``world.relation_slack`` (0.5 on the judge's boundary); the verdict is unchanged. ``strict``: the strict verdict
+    (module docstring); the partial credit then counts unambiguous objects only."""
+    all_dets = list(dets)
+    if strict:
+        dets = [d for d in all_dets if _unambiguous(d)]
     terms: list[float] = []
     correct = True
     groups = []
     for clause in meta["include"]:
         k = clause["count"]
-        of_class, matched = _found(dets, clause)
+        of_class, matched = _found(dets, clause, strict)
         n = len(of_class)
         terms.append(max(0.0, 1 - abs(n - k) / k))
         if "color" in clause:
@@ -112,7 +150,8 @@ def judge(meta: dict, dets: Sequence, position_ramp: float = 0.0) -> tuple[bool,
             correct = False
         groups.append(matched[:k])
     for clause in meta.get("exclude", []):
-        if len(_found(dets, clause)[1]) >= clause["count"]:
+        n = _exclusion_count(all_dets, clause) if strict else len(_found(dets, clause)[1])
+        if n >= clause["count"]:
             correct = False
     for clause, group in zip(meta["include"], groups):
         if "position" not in clause:
@@ -131,8 +170,10 @@ def judge(meta: dict, dets: Sequence, position_ramp: float = 0.0) -> tuple[bool,
     return correct, float(np.mean(terms))
 
 
-def score_images(metadata: Sequence[dict], images: Sequence, detector: Callable | None = None) -> dict:
-    """Judge images (HxWx3 uint8 arrays or PIL) against their metadata with a detector backend.
+def score_images(metadata: Sequence[dict], images: Sequence, detector: Callable | None = None,
+                 strict: bool = False) -> dict:
+    """Judge images (HxWx3 uint8 arrays or PIL) against their metadata with a detector backend (``strict``: the
+    strict verdict, which needs a detector that flags ambiguous objects).
 
     Returns ``{"per_image": [{"tag", "prompt", "correct", "partial"}], "per_task": {tag: acc}, "overall": float,
     "n_per_task": {tag: n}}``.
@@ -143,7 +184,7 @@ def score_images(metadata: Sequence[dict], images: Sequence, detector: Callable 
         raise ValueError(f"got {len(metadata)} metadata records but {len(images)} images")
     per_image = []
     for meta, img in zip(metadata, images):
-        ok, part = judge(meta, detector(np.asarray(img)))
+        ok, part = judge(meta, detector(np.asarray(img)), strict=strict)
         per_image.append({"tag": meta["tag"], "prompt": meta["prompt"], "correct": ok, "partial": part})
     return summarize(per_image)
 
