@@ -1,0 +1,82 @@
+"""Every ShapeWorld verdict of a set of images, side by side: the training judge, its strict verdict, the held-out
+judge and its strict verdict, with standard errors and per-image agreement.
+
+- ``train``: ``shapeworld.detector`` + the GenEval rules, the lenient verdict: what the ``shapeworld`` reward pays
+  for and what every number before the judging issue used;
+- ``train_strict``: the same detections, counting only unambiguous objects (``geneval.judge(strict=True)``);
+- ``heldout``: ``shapeworld.geometry_judge``, a detector of a different design, never a training reward;
+- ``heldout_strict``: its strict verdict. **The headline judge** (``HEADLINE``): gains are reported on it, the
+  others stand beside it.
+
+Standard errors: binomial per task, ``sqrt(p (1 - p) / n)``; the overall score is the unweighted mean of the
+tasks, so its SE is ``sqrt(sum_t se_t^2) / n_tasks``. Agreement between two judges is the fraction of images on
+which their verdicts are equal, per task and overall (the unweighted mean of the tasks, like the scores).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from .geneval import judge
+
+JUDGES = ("train", "train_strict", "heldout", "heldout_strict")
+HEADLINE = "heldout_strict"
+AGREEMENT_PAIRS = (("train", "heldout"), ("train_strict", "heldout_strict"), ("train", "train_strict"),
+                   ("heldout", "heldout_strict"))
+
+
+def verdicts(meta: dict, img) -> dict[str, tuple[bool, float]]:
+    """(correct, partial) of one image under every judge (one detection pass per detector)."""
+    from flowalign.shapeworld import detector, geometry_judge
+
+    img = np.asarray(img)
+    d, g = detector.detect(img), geometry_judge.detect(img)
+    return {"train": judge(meta, d), "train_strict": judge(meta, d, strict=True),
+            "heldout": judge(meta, g), "heldout_strict": judge(meta, g, strict=True)}
+
+
+def summarize_judge(tags: Sequence[str], correct: Sequence[bool]) -> dict:
+    """Per-task accuracy, overall (mean of tasks) and their standard errors."""
+    by: dict[str, list[bool]] = {}
+    for t, c in zip(tags, correct):
+        by.setdefault(t, []).append(bool(c))
+    per_task = {t: float(np.mean(v)) for t, v in by.items()}
+    se = {t: math.sqrt(p * (1 - p) / len(by[t])) for t, p in per_task.items()}
+    k = len(per_task)
+    return {"per_task": per_task, "overall": float(np.mean(list(per_task.values()))) if k else float("nan"),
+            "se_per_task": se, "se_overall": math.sqrt(sum(s * s for s in se.values())) / k if k else float("nan"),
+            "n_per_task": {t: len(v) for t, v in by.items()}}
+
+
+def agreement(tags: Sequence[str], a: Sequence[bool], b: Sequence[bool]) -> dict:
+    """Fraction of images on which two judges' verdicts are equal, per task and overall (mean of tasks)."""
+    by: dict[str, list[bool]] = {}
+    for t, x, y in zip(tags, a, b):
+        by.setdefault(t, []).append(bool(x) == bool(y))
+    per_task = {t: float(np.mean(v)) for t, v in by.items()}
+    return {"per_task": per_task, "overall": float(np.mean(list(per_task.values()))) if per_task else float("nan"),
+            "n_disagree": int(sum(not v for vs in by.values() for v in vs))}
+
+
+def judge_all(metadata: Sequence[dict], images: Sequence) -> dict:
+    """All verdicts of ShapeWorld images. Returns ``{"per_image": [{"tag", "prompt", "correct", "partial",
+    "verdicts": {judge: bool}}], "judges": {judge: summarize_judge(...)}, "agreement": {"a_vs_b": agreement(...)}}``
+    where ``correct``/``partial`` are the training judge's lenient ones (what ``geneval.score_images`` gives)."""
+    if len(metadata) != len(images):
+        raise ValueError(f"got {len(metadata)} metadata records but {len(images)} images")
+    per_image = []
+    for meta, img in zip(metadata, images):
+        v = verdicts(meta, img)
+        per_image.append({"tag": meta["tag"], "prompt": meta["prompt"], "correct": v["train"][0],
+                          "partial": v["train"][1], "verdicts": {j: bool(v[j][0]) for j in JUDGES}})
+    return summarize_all(per_image)
+
+
+def summarize_all(per_image: list[dict]) -> dict:
+    """``judges`` and ``agreement`` of per-image records that carry ``verdicts``."""
+    tags = [r["tag"] for r in per_image]
+    col = {j: [r["verdicts"][j] for r in per_image] for j in JUDGES}
+    return {"per_image": per_image, "judges": {j: summarize_judge(tags, col[j]) for j in JUDGES},
+            "agreement": {f"{a}_vs_{b}": agreement(tags, col[a], col[b]) for a, b in AGREEMENT_PAIRS}}
