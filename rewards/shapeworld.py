@@ -1,6 +1,9 @@
 """``shapeworld``: the exact ShapeWorld judge as a reward: GenEval partial credit (``partial``), 0/1 correctness
 (``binary``), or partial credit whose position term is a continuous ramp across the judge's boundary (``dense``:
-pushing an object further the right way pays before the verdict flips)."""
+pushing an object further the right way pays before the verdict flips). ``strict=True`` judges with the training
+judge's strict verdict (``geneval.judge(strict=True)``: only unambiguous objects count), so a config can reward
+clean, unambiguous objects: ``rewards: {shapeworld: {weight: 1.0, strict: true}}``. Either way this is the
+*training* judge; the held-out judge (``shapeworld.geometry_judge``) is never a reward."""
 from __future__ import annotations
 
 import torch
@@ -15,27 +18,31 @@ class ShapeWorldReward(Reward):
     name = "shapeworld"
     needs_metadata = True
 
-    def __init__(self, mode: str = "partial", device="cpu", batch_size: int = 256, position_ramp: float = 0.1):
+    def __init__(self, mode: str = "partial", device="cpu", batch_size: int = 256, position_ramp: float = 0.1,
+                 strict: bool = False):
         super().__init__(device=device, batch_size=batch_size)
+        if not isinstance(strict, bool):
+            raise ValueError(f"shapeworld reward strict must be true or false, got {strict!r}")
         if mode not in ("partial", "binary", "dense"):
             raise ValueError(f"shapeworld reward mode must be 'partial', 'binary' or 'dense', got {mode!r}")
         if not position_ramp > 0:
             raise ValueError(f"shapeworld reward position_ramp must be > 0, got {position_ramp}")
-        self.mode, self.ramp = mode, position_ramp
+        self.mode, self.ramp, self.strict = mode, position_ramp, strict
 
     def score(self, images, prompts, metadata):
         dets = [detect(im) for im in to_uint8(images)]
-        verdicts = [judge(m, d) for m, d in zip(metadata, dets)]
+        verdicts = [judge(m, d, strict=self.strict) for m, d in zip(metadata, dets)]
         correct = torch.tensor([float(c) for c, _ in verdicts])
         partial = torch.tensor([p for _, p in verdicts])
         out = {"correct": correct, "partial": partial}
         if self.mode == "dense":
-            out["dense"] = torch.tensor([judge(m, d, self.ramp)[1] for m, d in zip(metadata, dets)])
+            out["dense"] = torch.tensor([judge(m, d, self.ramp, strict=self.strict)[1] for m, d in zip(metadata, dets)])
         out["reward"] = {"partial": partial, "binary": correct}.get(self.mode, out.get("dense"))
         return out
 
 
 @register("shapeworld")
 def _build(mode: str = "partial", device: str = "cpu", batch_size: int = 256,
-           position_ramp: float = 0.1) -> ShapeWorldReward:
-    return ShapeWorldReward(mode=mode, device=device, batch_size=batch_size, position_ramp=position_ramp)
+           position_ramp: float = 0.1, strict: bool = False) -> ShapeWorldReward:
+    return ShapeWorldReward(mode=mode, device=device, batch_size=batch_size, position_ramp=position_ramp,
+                            strict=strict)

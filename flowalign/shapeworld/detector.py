@@ -17,8 +17,10 @@ unambiguous (``Detection.unambiguous``; the failed tests are named in ``Detectio
   palette colour (a two-coloured shape, or a colour between two palette colours, splits into components that
   each fail this), and at most ``STRICT["other_in_box"]`` x its area of another palette colour lies in its box;
 - whole, not a fragment or a merge: its convex-hull solidity is at least ``STRICT["solidity"][shape]`` (two
-  shapes fused into one component are concave where they meet) and its box aspect ratio at most
-  ``STRICT["aspect"]`` (renders stay below 1.2; two fused shapes side by side approach 2).
+  shapes fused into one component are concave where they meet), its box aspect ratio at most
+  ``STRICT["aspect"]`` (renders stay below 1.3; two fused shapes side by side approach 2), and at most
+  ``STRICT["contact"]`` pixels of another palette colour touch it (rendered objects never touch; a shape fused
+  to one of another colour, or one half of a two-coloured shape, does).
 The thresholds come from clean renders only: solidity and aspect just outside the range the renderer's own
 objects occupy (1st percentile / maximum over 2,400 renders), and the largest margin that keeps the strict
 verdict right on >= 99% of clean renders; docs/judging.md gives its accuracy on a hand-labelled gold set.
@@ -40,7 +42,7 @@ _GRID = 16
 _TEMPLATES: dict[str, np.ndarray] = {}
 
 # strict-verdict thresholds (module docstring); docs/judging.md shows how they were chosen
-STRICT = {"margin": 0.03, "purity": 0.85, "other_in_box": 0.15, "aspect": 1.35,
+STRICT = {"margin": 0.03, "purity": 0.85, "other_in_box": 0.15, "contact": 3, "aspect": 1.35,
           "solidity": {"circle": 0.85, "square": 0.85, "triangle": 0.8, "cross": 0.6}}
 
 
@@ -57,6 +59,7 @@ class Detection:
     margin: float = 1.0                      # score minus the runner-up's IoU
     purity: float = 1.0                      # share of the dilated region's foreground in this colour
     other_in_box: float = 0.0                # pixels of other palette colours in the box / area
+    contact: int = 0                         # pixels of other palette colours touching it (4-neighbours)
     solidity: float = 1.0                    # area / convex-hull area
     aspect: float = 1.0                      # long / short side of the box
     flags: tuple[str, ...] = ()              # the strict tests this detection fails
@@ -96,7 +99,7 @@ def _solidity(m: np.ndarray) -> float:
         return 0.0
 
 
-def strict_flags(cls: str, margin: float, purity: float, other_in_box: float, solidity: float,
+def strict_flags(cls: str, margin: float, purity: float, other_in_box: float, contact: int, solidity: float,
                  aspect: float) -> tuple[str, ...]:
     """The strict tests failed by a detection with these measurements (empty: unambiguous)."""
     t = STRICT
@@ -105,7 +108,7 @@ def strict_flags(cls: str, margin: float, purity: float, other_in_box: float, so
         out.append("margin")
     if purity < t["purity"] or other_in_box > t["other_in_box"]:
         out.append("colour")
-    if solidity < t["solidity"][cls] or aspect > t["aspect"]:
+    if solidity < t["solidity"][cls] or aspect > t["aspect"] or contact > t["contact"]:
         out.append("merge")
     return tuple(out)
 
@@ -161,8 +164,9 @@ def detect(img, min_area: float = 0.008, min_iou: float = 0.55, max_aspect: floa
             ring = ndimage.binary_dilation(m, iterations=2) & fg
             y0, y1, x0, x1 = max(ys.min() - 1, 0), ys.max() + 2, max(xs.min() - 1, 0), xs.max() + 2
             box = lab[y0:y1, x0:x1]
+            touch = ndimage.binary_dilation(m) & fg & (lab != ci)
             meas = dict(margin=round(ious[best] - ious[runner], 3), purity=round(area / max(int(ring.sum()), 1), 3),
-                        other_in_box=round(float(((box > 0) & (box != ci)).sum()) / area, 3),
+                        other_in_box=round(float(((box > 0) & (box != ci)).sum()) / area, 3), contact=int(touch.sum()),
                         solidity=round(_solidity(m), 3), aspect=round(max(h, w) / min(h, w), 3))
             flags = strict_flags(best, **meas)
             out.append(Detection(cls=best, color=_PALETTE_NAMES[ci],
