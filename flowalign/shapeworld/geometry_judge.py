@@ -46,7 +46,7 @@ from .world import BACKGROUND, COLORS, SHAPES
 
 FG_DIST = 100.0        # foreground: RGB distance from the background above this (half the palette's nearest)
 MIN_AREA = 0.008       # smallest candidate, fraction of the image
-HUE_TOL, RATIO_TOL = 12.0, 0.25
+HUE_SHARE, RATIO_TOL = 0.75, 0.25
 MAX_DIST = 4.0         # lenient: a candidate farther than this from every prototype is no shape
 STRICT_DIST, STRICT_RATIO, STRICT_COLOR = 2.0, 1.5, 0.8
 N_RAYS = 48
@@ -73,15 +73,32 @@ _PAL_HUE, _PAL_CHROMA = _hue_chroma(_PAL)
 _PAL_RATIO = _PAL_CHROMA / np.linalg.norm(_PAL - _BG, axis=1)
 
 
+def _hue_tolerances() -> np.ndarray:
+    """Per palette colour, the clean hue range on each side: ``HUE_SHARE`` of the way to the midpoint with the
+    neighbouring palette hue on that side (so orange, 21 degrees from yellow, is narrow, and green, 74 and 99
+    degrees from its neighbours, is wide)."""
+    o = np.argsort(_PAL_HUE)
+    h = _PAL_HUE[o]
+    up = (np.roll(h, -1) - h) % 360
+    down = (h - np.roll(h, 1)) % 360
+    tol = np.zeros((len(h), 2))
+    tol[o, 0], tol[o, 1] = HUE_SHARE * down / 2, HUE_SHARE * up / 2
+    return tol
+
+
+_HUE_TOL = _hue_tolerances()
+
+
 def pixel_colours(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per pixel: index of the palette colour of nearest hue, and whether the pixel is cleanly that colour."""
     h, c = _hue_chroma(a)
     dist = np.linalg.norm(a - _BG, axis=-1)
-    dh = np.abs((h[..., None] - _PAL_HUE + 180) % 360 - 180)
-    idx = dh.argmin(-1)
+    signed = (h[..., None] - _PAL_HUE + 180) % 360 - 180
+    idx = np.abs(signed).argmin(-1)
+    off = np.take_along_axis(signed, idx[..., None], -1)[..., 0]
+    tol = _HUE_TOL[idx, (off > 0).astype(int)]
     ratio = c / np.maximum(dist, 1e-6)
-    clean = (np.take_along_axis(dh, idx[..., None], -1)[..., 0] <= HUE_TOL) & \
-            (np.abs(ratio - _PAL_RATIO[idx]) <= RATIO_TOL) & (c > 25)
+    clean = (np.abs(off) <= tol) & (np.abs(ratio - _PAL_RATIO[idx]) <= RATIO_TOL) & (c > 25)
     return idx, clean
 
 
@@ -106,6 +123,10 @@ class GeoDetection:
 
 
 def _solidity(m: np.ndarray) -> float:
+    """Area over convex-hull area of the mask after a 2x2 opening (one-pixel horns at a generated square's corners
+    would otherwise inflate the hull; a cross's arms, >= 3 px wide, survive the opening)."""
+    opened = ndimage.binary_opening(m, np.ones((2, 2), bool))
+    m = opened if opened.sum() >= 0.5 * m.sum() else m
     ys, xs = np.nonzero(m)
     pts = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(np.float64)
     try:
