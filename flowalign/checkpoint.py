@@ -70,4 +70,4 @@ def load_checkpoint(directory) -> tuple[dict[str, torch.Tensor], dict, dict]:
     for f in ("model.safetensors", "state.pt", "meta.json"):
         if not (d / f).is_file():
             raise FileNotFoundError(f"checkpoint {d} is incomplete: missing {f}")
-    return load_weights(d), torch.load(d / "state.pt", weights_only=False), json.loads((d / "meta.json").read_text())
+    return load_weights(d), torch.load(d / "state.pt", weights_only=False, map_location="cpu"), json.loads((d / "meta.json").read_text())

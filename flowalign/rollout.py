@@ -117,8 +117,10 @@ def rollout(adapter, cond: Cond, sigmas: torch.Tensor, guidance: float, noise_le
         rows = col.nonzero().view(-1)
         noise = None
         if len(rows):
+            # drawn where the generator lives (a CPU generator cannot draw on CUDA), then moved
             noise = noises[:, i].to(x.device, torch.float32) if noises is not None else \
-                torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                torch.randn(x.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else x.device).to(x.device)
         lp = torch.zeros(B, device=x.device)
         if len(rows) == B:
             out = adapter.step(x, sigmas, i, cond, guidance, noise_level, noise=noise, kernel=kernel,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from flowalign import checkpoint as ckpt
+from flowalign import seeding
 from flowalign.algorithms import ALGORITHMS, Context, Forward
 from flowalign.config import Config, ConfigError, Derived
 from flowalign.rollout import Trajectory, rollout, sde_mask
@@ -50,9 +50,21 @@ class Trainer:
         self.d = Derived.of(cfg, self.acc.num_processes)
         set_seed(cfg.run.seed + self.acc.process_index)
         self.out = Path(cfg.run.output_dir)
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"run.output_dir: {self.out} is an existing file, not a directory")
+        resumable = cfg.run.resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None
+        if (self.out / "metrics.jsonl").is_file() and not resumable:
+            raise ConfigError(f"run.output_dir: {self.out} already holds a run (metrics.jsonl) with nothing to resume "
+                              f"{'(run.resume is false)' if not cfg.run.resume else 'from'}; use a new directory, "
+                              f"or delete that one")
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
         self.adapter = load_adapter(resolve_model_path(cfg.model.path), cfg.model.family, dtype=dtype,
-                                    device=self.acc.device)
+                                    device=self.acc.device, resolution=cfg.model.resolution)
+        if cfg.model.resolution:
+            try:
+                self.adapter.latent_shape()
+            except ValueError as e:
+                raise ConfigError(f"model.resolution: {e}") from None
         self.reward = build_rewards(cfg.rewards, device=str(self.acc.device))
         self.train_meta = load_metadata(resolve_prompts(cfg.data.train))
         self.by_task: dict[str, list[int]] = {}
@@ -97,7 +109,7 @@ class Trainer:
     def prompts_for(self, it: int) -> tuple[list[int], list[dict], list[int]]:
         """This process's slice of the iteration's samples (the full list is identical on every process): group id,
         prompt metadata and member index within the group, per sample."""
-        rng = random.Random(self.cfg.run.seed * 1_000_003 + it)
+        rng = seeding.rng(self.cfg.run.seed, "prompts", it)
         by_task = self.by_task
         tasks = sorted(by_task)
         tw = self.cfg.data.task_weights
@@ -115,28 +127,33 @@ class Trainer:
     # ---------------------------------------------------------------------------------------- one iteration
     @torch.no_grad()
     def collect(self, it: int):
+        """Roll out this process's samples. Every draw comes from a named stream keyed by what the sample is
+        (iteration, group, member), so a sample is the same whichever process or rollout chunk holds it."""
         groups, metas, members = self.prompts_for(it)
-        gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + self.acc.process_index)
+        s, seed = self.cfg.sample, self.cfg.run.seed
         trajs, rewards = [], []
-        s = self.cfg.sample
-        x_T = None
-        if s.shared_noise:  # drawn from a generator seeded identically on every process: groups split across
-            shared = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + 7)  # ranks stay whole
-            x_T = self.adapter.init_noise(s.prompts_per_iter, shared)[torch.tensor(groups)]
+        shape = self.adapter.latent_shape()
+        if s.shared_noise:  # one x_T per prompt group: a group split across ranks still shares it
+            gens = [seeding.generator(seed, "x_T/group", it, g) for g in groups]
+        else:
+            gens = [seeding.generator(seed, "x_T", it, g, m) for g, m in zip(groups, members)]
+        x_T = self.adapter.init_noise(len(metas), gens)
         noises = None
-        if s.antithetic:  # member 2k+1 of a group gets minus the SDE noise of member 2k (same draw on every process)
-            bank_gen = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it * 131 + 13)
-            shape = (s.prompts_per_iter, s.group_size // 2, s.num_steps, *self.adapter.latent_shape())
-            bank = torch.randn(shape, generator=bank_gen)
-            g, m = torch.tensor(groups), torch.tensor(members)
-            noises = bank[g, m // 2] * (1 - 2 * (m % 2)).view(-1, 1, 1, 1, 1).float()
+        if self.spec.stochastic:  # the SDE noise of every step, per sample (B, T, C, H, W), drawn on the CPU
+            if s.antithetic:  # member 2k+1 of a group gets minus the SDE noise of member 2k
+                noises = torch.stack([torch.randn((s.num_steps, *shape), generator=seeding.generator(
+                    seed, "sde/pair", it, g, m // 2)) * (1 - 2 * (m % 2)) for g, m in zip(groups, members)])
+            else:
+                noises = torch.stack([torch.randn((s.num_steps, *shape), generator=seeding.generator(
+                    seed, "sde", it, g, m)) for g, m in zip(groups, members)])
         mask = self.mask
         if s.branching:  # one stochastic step per group, the same draw on every process
-            rng = random.Random(self.cfg.run.seed * 7919 + it * 131 + 11)
+            rng = seeding.rng(seed, "branch", it)
             pool = self.spec.branch_steps or self.mask.nonzero().view(-1).tolist()
             at = [rng.choice(pool) for _ in range(s.prompts_per_iter)]
             mask = torch.zeros(len(metas), s.num_steps, dtype=torch.bool)
             mask[torch.arange(len(metas)), torch.tensor([at[g] for g in groups], dtype=torch.long)] = True
+
         def sampling():  # the policy the algorithm samples with
             return self.adapter.policy(self.spec.policy) if self.spec.policy != "current" else contextlib.nullcontext()
 
@@ -147,11 +164,14 @@ class Trainer:
             cond = self.adapter.encode(prompts, negative="" if s.guidance > 1 else None)
             with sampling():
                 tr = rollout(self.adapter, cond, self.sigmas, s.guidance, noise_level,
-                             mask[k:k + s.batch_size] if mask.ndim == 2 else mask, generator=gen,
-                             x=None if x_T is None else x_T[k:k + s.batch_size],
+                             mask[k:k + s.batch_size] if mask.ndim == 2 else mask, x=x_T[k:k + s.batch_size],
                              prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block,
                              noises=None if noises is None else noises[k:k + s.batch_size])
-            rewards.append(self.reward(tr.images, prompts, mb))
+            try:
+                rewards.append(self.reward(tr.images, prompts, mb))
+            except Exception as e:  # a reward's own failure: one line, and (under torchrun) every rank ends
+                raise TrainingError(f"reward failed at iteration {it + 1} on process {self.acc.process_index}: "
+                                    f"{type(e).__name__}: {e}") from e
             trajs.append(tr)
         traj = Trajectory.cat(trajs)
         r = {k: torch.cat([x[k] for x in rewards]) for k in rewards[0]}
@@ -163,7 +183,7 @@ class Trainer:
         adv = self.algo.advantages(all_r, all_g)
         lo = self.acc.process_index * self.d.samples_per_process
         gstd = torch.stack([all_r[all_g == g].std(unbiased=False) for g in torch.unique(all_g)])
-        stats = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item(),
+        stats = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item(), "rewards_gathered": len(all_r),
                  "zero_std_frac": (gstd < 1e-6).float().mean().item()}
         return adv[lo: lo + self.d.samples_per_process], stats
 
@@ -179,8 +199,9 @@ class Trainer:
         return {k: float(np.mean(v)) for k, v in sorted(out.items())}
 
     def train_on(self, traj: Trajectory, adv: torch.Tensor, it: int) -> dict:
-        gen = torch.Generator().manual_seed(self.cfg.run.seed * 17 + it)
-        work = self.algo.plan(traj, adv, it, gen)
+        rank = self.acc.process_index
+        work = self.algo.plan(traj, adv, it, seeding.generator(self.cfg.run.seed, "plan", it, rank))
+        gen = seeding.generator(self.cfg.run.seed, "shuffle", it, rank)
         n = len(work.keep)
         if n == 0:
             return {"trained_frac": 0.0}
@@ -188,9 +209,13 @@ class Trainer:
         self._train_passes(work, stats, gen)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
         out["trained_frac"] = n / len(traj)
-        for key in ("ratio_dev", "onpolicy_ratio_dev"):
-            if key in stats:
-                out[key] = float(np.max(stats[key]))
+        worst = [k for k in ("ratio_dev", "onpolicy_ratio_dev") if k in stats]
+        for key in worst:
+            out[key] = float(np.max(stats[key]))
+        if self.d.world > 1:  # every rank ran the same parts: log the mean over ranks (the max of the deviations)
+            keys = sorted(out)
+            vals = self.acc.gather(torch.tensor([[out[k] for k in keys]], device=self.acc.device, dtype=torch.float64))
+            out = {k: float(vals[:, j].max() if k in worst else vals[:, j].mean()) for j, k in enumerate(keys)}
         return out
 
     def _minibatches(self, keep: torch.Tensor, unit: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -315,7 +340,7 @@ class Trainer:
             for k, p in cur.items():
                 p.copy_(weights[k])
         self.opt.load_state_dict(state["optimizer"])
-        self.ema = state["ema"]
+        self.ema = None if state["ema"] is None else [e.to(p.device) for e, p in zip(state["ema"], self.params)]
         ckpt.set_rng_state(state["rng"])
         c = state["counters"]
         self.iteration, self.nan_skipped, self.nan_streak = c["iteration"], c["nan_skipped"], c["nan_streak"]
@@ -330,15 +355,16 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         log = RunLogger(self.out, enabled=self.is_main)
         if self.is_main:
-            (self.out / "config.json").write_text(json.dumps(dict(self.cfg.to_dict(), config_hash=self.cfg.hash()),
-                                                             indent=1))
+            (self.out / "config.json").write_text(json.dumps(dict(self.cfg.to_dict(), config_hash=self.cfg.hash(),
+                                                                  world_size=self.d.world), indent=1))
         base = None
         if self.iteration == 0:
             base = self.evaluate("base")
             if self.is_main:
                 (self.out / "base_eval.json").write_text(json.dumps(base, indent=1))
         total = self.cfg.train.iterations
-        bar = tqdm(total=total, initial=self.iteration, desc="flow-grpo", disable=not self.is_main, mininterval=2)
+        bar = tqdm(total=total, initial=self.iteration, desc=self.cfg.algorithm.name, disable=not self.is_main,
+                   mininterval=2)
         while self.iteration < total:
             t0 = time.time()
             it = self.iteration
@@ -367,13 +393,16 @@ class Trainer:
                 tags = [m["tag"] for m in traj.metadata]
                 for tg in sorted(set(tags)):
                     rec[f"reward/{tg}"] = float(rew["reward"][[x == tg for x in tags]].mean())
+            self.algo.end_iteration(self.adapter, it)
             self.iteration += 1
             rec["iter_s"] = time.time() - t0
             log.log(rec)
             bar.update(1)
             if "reward_mean" in rec:
-                bar.set_postfix(r=f"{rec['reward_mean']:.3f}±{rec['reward_std']:.2f}", kl=f"{rec.get('kl', 0):.2e}",
-                                clip=f"{rec.get('clipfrac', 0):.2f}")
+                post = {"r": f"{rec['reward_mean']:.3f}±{rec['reward_std']:.2f}"}
+                post.update({k: f"{rec[k]:.2e}" for k in ("kl", "ema_kl") if k in rec})
+                post.update({k: f"{rec[k]:.2f}" for k in ("clipfrac",) if k in rec})
+                bar.set_postfix(post)
             if self.cfg.eval.every and self.iteration % self.cfg.eval.every == 0 and self.iteration < total:
                 self.evaluate(f"iter_{self.iteration:06d}")
             if self.cfg.run.checkpoint_every and self.iteration % self.cfg.run.checkpoint_every == 0:

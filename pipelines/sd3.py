@@ -24,8 +24,9 @@ class SD3Adapter:
     prediction_type = "flow"
     supports_cfg = True
 
-    def __init__(self, pipe, max_sequence_length: int | None = None):
+    def __init__(self, pipe, max_sequence_length: int | None = None, resolution: int | None = None):
         self.pipe = pipe
+        self.resolution = resolution  # image side in pixels (default: the transformer's sample_size x VAE factor)
         pipe.set_progress_bar_config(disable=True)
         self.transformer = pipe.transformer
         self.vae = pipe.vae
@@ -66,7 +67,7 @@ class SD3Adapter:
 
     @property
     def default_size(self) -> int:
-        return self.transformer.config.sample_size * self.pipe.vae_scale_factor
+        return self.resolution or self.transformer.config.sample_size * self.pipe.vae_scale_factor
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         h, w = height or self.default_size, width or self.default_size

@@ -148,9 +148,25 @@ def known_rewards() -> list[str]:
     return sorted(REGISTRY)
 
 
+def register_import_path(name: str) -> None:
+    """A reward of the user's own, named by import path ``package.module:Factory`` (a ``Reward`` subclass or any
+    callable taking the reward's options and returning one): imported and registered under that name."""
+    if name in REGISTRY or ":" not in name:
+        return
+    import importlib
+
+    mod, attr = name.split(":", 1)
+    try:
+        REGISTRY[name] = getattr(importlib.import_module(mod), attr)
+    except (ImportError, AttributeError) as e:
+        raise RewardError(f"reward {name!r}: cannot import {attr!r} from module {mod!r} ({e})") from None
+
+
 def build_reward(name: str, **options) -> Reward:
-    """Construct a registered reward by name with keyword options; unknown names list the known ones."""
+    """Construct a registered reward by name (or by import path ``module:Factory``) with keyword options; unknown
+    names list the known ones."""
     known = known_rewards()
+    register_import_path(name)
     if name not in REGISTRY:
         raise RewardError(f"unknown reward {name!r}; known rewards: {', '.join(known)}")
     fn = REGISTRY[name]

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import REGISTRY, Reward, RewardError, build_reward, known_rewards
+from .base import REGISTRY, Reward, RewardError, build_reward, known_rewards, register_import_path
 
 _NO_CHUNK = sys.maxsize  # combinators pass whole batches on; their components chunk for themselves
 
@@ -239,6 +239,7 @@ def build_rewards(spec, normalize: bool = False, momentum: float | None = None, 
     plans = []
     for label, entry in entries:  # validate everything before loading any model
         name = entry.pop("reward", label)
+        register_import_path(name)
         if name not in REGISTRY:
             raise RewardError(f"unknown reward {name!r}; known rewards: {', '.join(known)}")
         weight = check_weight(label, entry.pop("weight", 1.0))

@@ -10,13 +10,13 @@
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
+from flowalign import seeding
 from flowalign.rollout import replay_step, step_rows, trained_steps
 from flowalign.samplers import gaussian_kl, step_std
 
@@ -99,6 +99,11 @@ class GRPO(Algorithm):
         super().__init__(cfg, ctx)
         s = ctx.sample
         self.step_pool = trained_steps(ctx.sde_mask, cfg.train_steps)
+        if not self.step_pool:
+            from flowalign.config import ConfigError
+
+            raise ConfigError(f"algorithm.train_steps: {cfg.train_steps!r} leaves no stochastic step to train "
+                              f"(sample.sde_steps: {s.sde_steps!r}); GRPO needs at least one")
         self.step_std = [step_std(ctx.sigmas, i, s.noise_level, s.kernel) for i in range(s.num_steps)]
 
     def policies(self):
@@ -109,7 +114,7 @@ class GRPO(Algorithm):
 
     def plan(self, traj, adv, it, gen) -> Work:
         c = self.cfg
-        rng = random.Random(self.ctx.seed * 31 + it)
+        rng = seeding.rng(self.ctx.seed, "grpo/steps", it)
         k = max(1, round(c.timestep_fraction * len(self.step_pool)))
         # branching: every sample is trained on its own stochastic step (the pool holds them all)
         steps = list(self.step_pool) if traj.sde_mask.ndim == 2 else sorted(rng.sample(self.step_pool, k))
