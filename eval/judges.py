@@ -14,8 +14,10 @@ which their verdicts are equal, per task and overall (the unweighted mean of the
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -80,3 +82,56 @@ def summarize_all(per_image: list[dict]) -> dict:
     col = {j: [r["verdicts"][j] for r in per_image] for j in JUDGES}
     return {"per_image": per_image, "judges": {j: summarize_judge(tags, col[j]) for j in JUDGES},
             "agreement": {f"{a}_vs_{b}": agreement(tags, col[a], col[b]) for a, b in AGREEMENT_PAIRS}}
+
+
+# ------------------------------------------------------------------------------------------ gold set
+GOLD_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "gold"  # in a source checkout
+
+
+def load_gold(directory=GOLD_DIR) -> tuple[list[dict], np.ndarray]:
+    """The hand-labelled gold set: ``gold.jsonl`` records (``metadata``, ``gold`` verdict, ``unsure``, ``source``,
+    ...) and ``images.npz`` (uint8 N x 32 x 32 x 3, record ``id`` = row)."""
+    directory = Path(directory)
+    jl, npz = directory / "gold.jsonl", directory / "images.npz"
+    for f in (jl, npz):
+        if not f.is_file():
+            raise FileNotFoundError(f"gold set file not found: {f}")
+    recs = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
+    images = np.load(npz)["images"]
+    if len(recs) != len(images) or [r["id"] for r in recs] != list(range(len(recs))):
+        raise ValueError(f"{directory}: gold.jsonl ids must be 0..{len(images) - 1}, one per image")
+    return recs, images
+
+
+def gold_accuracy(records: Sequence[dict], images: Sequence) -> dict:
+    """Each judge's agreement with the hand verdicts: per task, overall (unweighted mean of the tasks), the number
+    of images, false accepts (judge yes, gold no) and false refusals (judge no, gold yes)."""
+    rows = [verdicts(r["metadata"], im) for r, im in zip(records, images)]
+    out = {}
+    for j in JUDGES:
+        by: dict[str, list[bool]] = {}
+        fa = fr = 0
+        for r, v in zip(records, rows):
+            ok = bool(v[j][0])
+            by.setdefault(r["metadata"]["tag"], []).append(ok == bool(r["gold"]))
+            fa += ok and not r["gold"]
+            fr += r["gold"] and not ok
+        per_task = {t: float(np.mean(x)) for t, x in by.items()}
+        out[j] = {"per_task": per_task, "overall": float(np.mean(list(per_task.values()))), "n": len(records),
+                  "false_accept": int(fa), "false_refuse": int(fr)}
+    return out
+
+
+def format_gold_table(acc: dict, tasks: Sequence[str] | None = None) -> str:
+    """Markdown table of ``gold_accuracy``: one row per judge (headline first), accuracy per task and overall, then
+    false accepts and false refusals out of n."""
+    from .benchmark import TASK_ORDER
+
+    tasks = [t for t in (tasks or TASK_ORDER) if t in acc["train"]["per_task"]]
+    lines = ["| judge | " + " | ".join(tasks) + " | overall | false accepts | false refusals | n |",
+             "|---|" + "---|" * (len(tasks) + 4)]
+    for j in ("heldout_strict", "heldout", "train_strict", "train"):
+        a = acc[j]
+        lines.append(f"| {j} | " + " | ".join(f"{a['per_task'][t]:.3f}" for t in tasks)
+                     + f" | **{a['overall']:.3f}** | {a['false_accept']} | {a['false_refuse']} | {a['n']} |")
+    return "\n".join(lines)
