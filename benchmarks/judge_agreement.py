@@ -50,6 +50,18 @@ def agreement_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def compact_table(results: dict[str, dict]) -> str:
+    """One row per (CFG, judge): accuracy per task and overall with its SE, plus train-vs-held-out agreement."""
+    tasks = [t for t in TASK_ORDER if t in next(iter(results.values()))["per_task"]]
+    lines = ["| CFG | judge | " + " | ".join(tasks) + " | overall ± SE |", "|---|---|" + "---|" * (len(tasks) + 1)]
+    for c, r in results.items():
+        for j in ("heldout_strict", "heldout", "train_strict", "train"):
+            jr = r["judges"][j]
+            lines.append(f"| {c.removeprefix('CFG ')} | {j} | " + " | ".join(f"{jr['per_task'][t]:.2f}" for t in tasks)
+                         + f" | **{jr['overall']:.3f}** ± {jr['se_overall']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gold", default=str(GOLD_DIR))
@@ -63,6 +75,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--n-per-task", type=int, default=100)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--wide", action="store_true", help="also print format_judges_table (every cell with its SE)")
     a = ap.parse_args()
     try:
         guid = [float(g) for g in a.guidance.split(",")]
@@ -94,9 +107,12 @@ def main() -> int:
                     save_audit_grid(images, metas, res["per_image"], out / f"audit_{spec.replace(':', '_')}_cfg{g:g}.png")
             who = a.model + (f" + {a.trained}" if a.trained else "")
             print(f"\n## {who}: {spec}, n = {a.n_per_task} per task, {a.steps} ODE steps, seed {a.seed}\n")
-            print(format_judges_table(results))
+            print(compact_table(results))
             print()
             print(agreement_table(results), flush=True)
+            if a.wide:
+                print()
+                print(format_judges_table(results), flush=True)
             dump[spec] = {c: {k: r[k] for k in ("judges", "agreement", "per_task", "overall")} for c, r in results.items()}
         if out:
             out.mkdir(parents=True, exist_ok=True)

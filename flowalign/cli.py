@@ -34,7 +34,12 @@ def _eval(a) -> int:
     res = run(resolve_model_path(a.model), a.benchmark, a.out, a.steps, a.guidance, a.seed, a.n_per_task,
               lora=a.lora)
     print(format_table({a.benchmark: res}))
-    print(f"wrote {a.out}/eval.json and {a.out}/samples.png")
+    if "judges" in res:
+        from flowalign.eval.benchmark import format_judges_table
+
+        print()
+        print(format_judges_table({a.benchmark: res}))
+    print(f"wrote {a.out}/eval.json, {a.out}/samples.png and {a.out}/audit.png (images on which the judges disagree)")
     return 0
 
 
