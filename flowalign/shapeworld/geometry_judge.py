@@ -51,8 +51,10 @@ MAX_DIST = 4.0         # lenient: a candidate farther than this from every proto
 STRICT_DIST, STRICT_RATIO, STRICT_COLOR = 2.0, 1.5, 0.8
 N_RAYS = 48
 FEATURES = ("fill", "solidity", "a4", "t3", "spread", "skew", "aspect")
-# tolerance per feature (the unit of the prototype distance): how far a drawn shape may stray and still be it
-TOLERANCE = np.array([0.06, 0.05, 0.035, 0.035, 0.035, 0.2, 0.1])
+# tolerance per feature (the unit of the prototype distance): how far a drawn shape may stray and still be it.
+# Fill and solidity get the widest: they move most with the soft, rounded corners of generated shapes at 32 px
+# (0.06 and 0.05 at first; widened after looking at the base model's gold-set images, see docs/judging.md)
+TOLERANCE = np.array([0.1, 0.07, 0.035, 0.035, 0.035, 0.2, 0.1])
 
 _BG = np.array(BACKGROUND, np.float64)
 _NAMES = list(COLORS)
