@@ -88,7 +88,7 @@ class DataCfg:
 @dataclass
 class EvalCfg:
     num_steps: int = 20
-    guidance: float = 2.0
+    guidance: Union[float, list] = 2.0  # a CFG scale, or a grid: each model is headlined at its best one
     every: int = 0                      # iterations between evaluations (0: only before and after)
     n_per_task: int = 100
     seed: int = 1000
@@ -255,7 +255,12 @@ def validate(cfg: Config) -> Config:
                           f"sample.group_size (got shared_noise={s.shared_noise}, group_size={s.group_size})")
     if s.group_size < 2:
         raise ConfigError(f"sample.group_size: group advantages need at least 2 images per prompt, got {s.group_size}")
-    for key, g in (("sample.guidance", s.guidance), ("eval.guidance", cfg.eval.guidance)):
+    eg = cfg.eval.guidance if isinstance(cfg.eval.guidance, list) else [cfg.eval.guidance]
+    if not eg or any(isinstance(g, bool) or not isinstance(g, (int, float)) for g in eg):
+        raise ConfigError(f"eval.guidance: expected a CFG scale or a list of them, got {cfg.eval.guidance!r}")
+    if isinstance(cfg.eval.guidance, list):
+        cfg.eval.guidance = [float(g) for g in eg]
+    for key, g in [("sample.guidance", s.guidance)] + [("eval.guidance", g) for g in eg]:
         if not g >= 1:
             raise ConfigError(f"{key}: the CFG scale must be >= 1 (1 = no guidance), got {g}")
     top = {"sde": 2.0, "cps": 1.0}[s.kernel]

@@ -177,6 +177,16 @@ class Trainer:
         r = {k: torch.cat([x[k] for x in rewards]) for k in rewards[0]}
         return traj, r, torch.tensor(groups, device=self.acc.device)
 
+    def group_rewards(self, rew: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rewards of group scope (pairwise win rates) are finished here, after every process's raw scores of the
+        iteration are gathered, keyed by group id: whole groups, and two groups of one prompt stay apart."""
+        if not self.reward.group_scope:
+            return rew
+        all_g = self.acc.gather(groups)
+        full = self.reward.finalize({k: self.acc.gather(v.to(self.acc.device).float()) for k, v in rew.items()}, all_g)
+        lo = self.acc.process_index * self.d.samples_per_process
+        return {k: v[lo: lo + self.d.samples_per_process] for k, v in full.items()}
+
     def advantages(self, reward: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
         all_r = self.acc.gather(reward.to(self.acc.device).float())
         all_g = self.acc.gather(groups)
@@ -289,20 +299,44 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------- eval / io
     def evaluate(self, tag: str) -> dict:
-        from flowalign.eval.benchmark import evaluate, save_grid
+        """Judge the current weights (EMA when kept) on the held-out prompts: the test set at every CFG scale of
+        ``eval.guidance`` (a number or a grid), the model headlined at its best scale under the headline judge
+        (the held-out judge's strict verdict, ``eval.judges.HEADLINE``; the training reward with
+        ``eval.judge: reward``), and the other sets (unseen) at that scale. Sample and audit grids per tag."""
+        from flowalign.eval.benchmark import evaluate, save_audit_grid, save_grid
+        from flowalign.eval.judges import HEADLINE
 
         res_all = {}
         if self.is_main:
             e = self.cfg.eval
+            grid = list(e.guidance) if isinstance(e.guidance, list) else [e.guidance]
+            scorer = None if e.judge == "shapeworld" else self.reward_judge
+
+            def headline(res):
+                return res["judges"][HEADLINE] if "judges" in res else res
+
+            def run(metas, g):
+                return evaluate(self.adapter, metas, e.num_steps, g, e.seed, e.batch_size, scorer=scorer)
+
             with self.ema_weights():
+                tried = {g: run(self.eval_sets["test"], g) for g in grid}
+                best = max(grid, key=lambda g: headline(tried[g][0])["overall"])
                 for name, metas in self.eval_sets.items():
-                    judge = None if e.judge == "shapeworld" else self.reward_judge
-                    res, images = evaluate(self.adapter, metas, e.num_steps, e.guidance, e.seed, e.batch_size,
-                                           scorer=judge)
-                    res_all[name] = {"per_task": res["per_task"], "overall": res["overall"]}
+                    res, images = tried[best] if name == "test" else run(metas, best)
+                    h = headline(res)
+                    res_all[name] = {"per_task": h["per_task"], "overall": h["overall"],
+                                     "se_overall": h.get("se_overall"), "guidance": best,
+                                     "judge": HEADLINE if "judges" in res else "reward"}
+                    if "judges" in res:
+                        res_all[name].update(judges=res["judges"], agreement=res["agreement"])
                     if name == "test":
+                        res_all[name]["grid"] = {f"{g:g}": ({j: r["overall"] for j, r in tried[g][0]["judges"].items()}
+                                                            if "judges" in tried[g][0] else {"reward": tried[g][0]["overall"]})
+                                                 for g in grid}
                         marked = [dict(m, correct=r["correct"]) for m, r in zip(metas, res["per_image"])]
                         save_grid(images, marked, self.out / "samples" / f"{tag}.png")
+                        if "judges" in res:
+                            save_audit_grid(images, metas, res["per_image"], self.out / "samples" / f"audit_{tag}.png")
             rec = {"tag": tag, "iteration": self.iteration, **res_all}
             self.evals.append({"iteration": self.iteration, "overall": res_all["test"]["overall"], "tag": tag})
             with open(self.out / "evals.jsonl", "a") as f:
@@ -382,6 +416,7 @@ class Trainer:
                                         f"stopping at iteration {it + 1}")
             else:
                 self.nan_streak = 0
+                rew = self.group_rewards(rew, groups)
                 adv, st = self.advantages(rew["reward"], groups)
                 rec.update(st)
                 if traj.sde_mask.ndim == 2:
@@ -417,7 +452,7 @@ class Trainer:
 
     def finish(self, base, final, log) -> dict:
         from flowalign import plots
-        from flowalign.eval.benchmark import format_table
+        from flowalign.eval.benchmark import format_judges_table, format_table
 
         if not self.is_main:
             return {}
@@ -432,8 +467,28 @@ class Trainer:
             lines = []
             for name in final:
                 cols = {"base": base[name], "trained": final[name]}
-                lines.append(f"### {name} prompts\n\n" + format_table(cols))
-                plots.compare_bars(cols, self.out / f"compare_{name}.png", title=f"ShapeWorld judge, {name} prompts")
+                judge = final[name].get("judge", "reward")
+                head = (f"### {name} prompts (CFG: base {base[name].get('guidance')}, trained "
+                        f"{final[name].get('guidance')}; headline judge: {judge})")
+                if "judges" in final[name] and "judges" in base[name]:
+                    body = format_judges_table(cols)
+                else:
+                    body = format_table(cols)
+                if "grid" in final[name]:
+                    body += "\n\n" + _grid_table(cols)
+                lines.append(head + "\n\n" + body)
+                plots.compare_bars(cols, self.out / f"compare_{name}.png",
+                                   title=f"ShapeWorld, {name} prompts ({judge})")
             (self.out / "report.md").write_text("\n\n".join(lines) + "\n")
             print("\n" + "\n\n".join(lines))
         return result
+
+
+def _grid_table(cols: dict[str, dict]) -> str:
+    """Overall score of each model at every CFG scale of the grid, for every judge."""
+    rows = ["| model | CFG | " + " | ".join(next(iter(next(iter(cols.values()))["grid"].values()))) + " |"]
+    rows.append("|---|---|" + "---|" * (rows[0].count("|") - 3))
+    for m, r in cols.items():
+        for g, vals in r["grid"].items():
+            rows.append(f"| {m} | {g} | " + " | ".join(f"{v:.3f}" for v in vals.values()) + " |")
+    return "\n".join(rows)

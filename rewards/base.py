@@ -95,6 +95,7 @@ class Reward:
 
     name: str = "reward"
     differentiable: bool = False
+    group_scope: bool = False   # needs whole prompt groups: finished by ``finalize`` after the trainer's gather
     size: int | None = None  # preferred square input size; None = any
     needs_metadata: bool = False
 
@@ -127,6 +128,11 @@ class Reward:
                 sl = slice(i, i + self.batch_size)
                 outs.append(self.score(x[sl], prompts[sl], metadata[sl] if metadata is not None else None))
         return {k: torch.cat([o[k].reshape(-1).float().to(x.device) for o in outs]) for k in outs[0]}
+
+    def finalize(self, outputs: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For a group-scope reward: turn the outputs of every sample of an iteration (gathered from all
+        processes) into the final ones, ``groups`` holding each sample's group id. Pointwise rewards: unchanged."""
+        return outputs
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, differentiable={self.differentiable})"

@@ -110,6 +110,7 @@ class WeightedSum(Reward):
         self.normalize = normalize
         self.stats = {n: RunningStats(momentum) for n in self.rewards} if normalize else {}
         self.differentiable = all(r.differentiable for r in self.rewards.values())
+        self.group_scope = any(r.group_scope for r in self.rewards.values())
         self.needs_metadata = any(r.needs_metadata for r in self.rewards.values())
         sizes = {r.size for r in self.rewards.values() if r.size is not None}
         self.size = sizes.pop() if len(sizes) == 1 else None
@@ -127,6 +128,24 @@ class WeightedSum(Reward):
                 out[f"{n}/normalized"] = v
             term = self.weights[n] * v
             total = term if total is None else total + term
+        out["reward"] = total
+        return out
+
+    def finalize(self, outputs, groups):
+        """Finish the group-scope components on the gathered batch and recombine the weighted sum."""
+        if not self.group_scope:
+            return outputs
+        out, total = dict(outputs), None
+        for n, r in self.rewards.items():
+            if r.group_scope:
+                sub = {k[len(n) + 1:]: v for k, v in out.items() if k.startswith(f"{n}/")}
+                done = r.finalize(dict(sub, reward=out[n]), groups)
+                _merge_outputs(out, n, done)
+            v = out[n]
+            if self.normalize:
+                v = self.stats[n].normalize(v)
+                out[f"{n}/normalized"] = v
+            total = self.weights[n] * v if total is None else total + self.weights[n] * v
         out["reward"] = total
         return out
 
@@ -175,10 +194,14 @@ def win_rates(scores: torch.Tensor, groups: Sequence, tie_eps: float = 0.0) -> t
 
 
 class Pairwise(Reward):
-    """Within-group win rates of a scorer (for Pref-GRPO). Groups: same prompt, or same
-    ``metadata[group_key]``. Not differentiable (ranks)."""
+    """Within-group win rates of a scorer (for Pref-GRPO). Called on its own, groups are the same prompt, or the
+    same ``metadata[group_key]``, within the batch it is given; in training it has group scope: the trainer gathers
+    the scorer's raw scores of the whole iteration from every process and ``finalize`` computes the win rates
+    keyed by group id, so a group split over rollout chunks or processes is whole and two groups of one prompt
+    stay apart. Not differentiable (ranks)."""
 
     differentiable = False
+    group_scope = True
 
     def __init__(self, scorer: Reward, group_key: str | None = None, tie_eps: float = 0.0):
         super().__init__(device=scorer.device, batch_size=_NO_CHUNK)
@@ -199,6 +222,11 @@ class Pairwise(Reward):
         out: dict[str, torch.Tensor] = {}
         _merge_outputs(out, self.scorer.name, res)
         out["reward"] = win_rates(res["reward"], groups, self.tie_eps)
+        return out
+
+    def finalize(self, outputs, groups):
+        out = dict(outputs)
+        out["reward"] = win_rates(out[self.scorer.name], groups.tolist(), self.tie_eps)
         return out
 
 

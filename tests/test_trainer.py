@@ -373,3 +373,30 @@ def test_supervised_reference_benchmark_runs(tmp_path):
                                       "--threads", "1", "--out", str(tmp_path / "s.jsonl")])
     assert [r["steps"] for r in rows] == [0, 2] and len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
     assert all(0 <= r["overall"] <= 1 and len(r["per_task"]) == 6 for r in rows)
+
+
+def test_pairwise_reward_is_finished_on_whole_groups_keyed_by_group_id(tiny_sd3, tmp_path):
+    """Rollout chunks of 3 split the groups of 4, and the same prompt drawn twice makes two groups: the win rates
+    are still computed per group id over the whole group (mean 1/2, values k/3), not per chunk or per prompt."""
+    from flowalign.rewards import Pairwise
+    from flowalign.rewards.combine import WeightedSum
+
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", sample={"num_steps": 2, "prompts_per_iter": 6, "group_size": 4,
+                                                              "batch_size": 3},
+                         train={"batch_size": 24, "updates_per_iter": 1}))
+    t.train_meta = t.train_meta[:1]  # one prompt: every group of the iteration has the same text
+    t.by_task = {"only": [0]}
+    for reward in (Pairwise(Brightness()), WeightedSum({"pw": Pairwise(Brightness()), "b": Brightness()},
+                                                        {"pw": 1.0, "b": 0.0})):
+        t.reward = reward
+        traj, rew, groups = t.collect(0)
+        assert len(set(traj.prompts)) == 1 and len(groups.unique()) == 6
+        done = t.group_rewards(rew, groups)
+        r = done["reward"]
+        raw = done["test_brightness"] if "test_brightness" in done else done["pw/test_brightness"]
+        for g in groups.unique():
+            m = groups == g
+            assert r[m].mean().item() == pytest.approx(0.5)
+            assert sorted((r[m] * 3).round().tolist()) == [0.0, 1.0, 2.0, 3.0]  # distinct scores: ranks 0..3
+            assert r[m].argmax() == raw[m].argmax()
+        assert not torch.allclose(r, rew["reward"])  # the per-chunk, per-prompt win rates were wrong
