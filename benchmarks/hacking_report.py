@@ -60,6 +60,9 @@ def measure(adapter, metas, args, proxy, artifact=None) -> tuple[dict, np.ndarra
         "speckle_mean": float(np.mean([s["speckle"] for s in stats])),
         "n_images": len(images),
     }
+    if "judges" in res:  # every verdict: the training judge (lenient, above), its strict one, the held-out judge's
+        row["judges_overall"] = {j: r["overall"] for j, r in res["judges"].items()}
+        row["agreement_train_vs_heldout"] = res["agreement"]["train_vs_heldout"]["overall"]
     if art is not None:
         row["artifact_reward_mean"] = float(art.mean())
     return row, images
@@ -162,6 +165,13 @@ def write_outputs(report: dict, out: Path) -> None:
     summary = ["| | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows),
                f"| proxy ({proxy}) mean | " + " | ".join(f"{r['proxy_mean']:.4g}" for r in rows.values()) + " |",
                "| artifact rate | " + " | ".join(f"{r['artifact_rate']:.3f}" for r in rows.values()) + " |"]
+    if all("judges_overall" in r for r in rows.values()):
+        for j, label in (("heldout_strict", "held-out judge, strict (headline)"), ("heldout", "held-out judge"),
+                         ("train_strict", "training judge, strict")):
+            summary.append(f"| {label}, overall | " + " | ".join(f"{r['judges_overall'][j]:.3f}" for r in rows.values())
+                           + " |")
+        summary.append("| agreement training vs held-out judge | "
+                       + " | ".join(f"{r['agreement_train_vs_heldout']:.3f}" for r in rows.values()) + " |")
     if all("artifact_reward_mean" in r for r in rows.values()):
         summary.append("| artifact reward mean | "
                        + " | ".join(f"{r['artifact_reward_mean']:.3f}" for r in rows.values()) + " |")

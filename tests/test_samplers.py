@@ -150,3 +150,14 @@ def test_ddim_step_by_hand():
     det = samplers.ddim_step(x, eps, a, ap, 0.0)
     assert det.log_prob is None
     assert det.next.item() == pytest.approx(math.sqrt(ap) * x0 + math.sqrt(1 - ap) * 0.1, rel=1e-6)
+
+
+def test_step_std_of_each_kernel_by_hand():
+    from flowalign.samplers import step_std
+
+    sig = torch.tensor([1.0, 0.75, 0.5, 0.0])
+    # sde: a sqrt(sigma / (1 - sigma)) sqrt(sigma_i - sigma_{i+1}), sigma = 1 capped at sigmas[1] = 0.75
+    assert step_std(sig, 0, 0.7) == pytest.approx(0.7 * math.sqrt(1 / 0.25) * math.sqrt(0.25))
+    assert step_std(sig, 1, 0.7) == pytest.approx(0.7 * math.sqrt(0.75 / 0.25) * math.sqrt(0.25))
+    # cps: sigma_{i+1} sin(a pi / 2)
+    assert step_std(sig, 1, 0.5, "cps") == pytest.approx(0.5 * math.sin(0.25 * math.pi))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowalign.config import load_config
+from flowalign.config import ConfigError, load_config
 from flowalign.rewards import Reward, RewardError, register
 from flowalign.trainer import Trainer, TrainingError
 
@@ -400,3 +400,51 @@ def test_pairwise_reward_is_finished_on_whole_groups_keyed_by_group_id(tiny_sd3,
             assert sorted((r[m] * 3).round().tolist()) == [0.0, 1.0, 2.0, 3.0]  # distinct scores: ranks 0..3
             assert r[m].argmax() == raw[m].argmax()
         assert not torch.allclose(r, rew["reward"])  # the per-chunk, per-prompt win rates were wrong
+
+
+def test_output_dir_that_is_a_file_or_holds_a_finished_run_is_a_one_line_error(tiny_sd3, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=r"run.output_dir: .*file is an existing file, not a directory"):
+        Trainer(tiny_cfg(tiny_sd3, f))
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"run.output_dir: .*old already holds a run .*run.resume is false"):
+        Trainer(tiny_cfg(tiny_sd3, out, run={"output_dir": str(out), "resume": False}))
+
+
+def test_an_empty_trained_step_pool_and_a_bad_resolution_are_config_errors(tiny_sd3, tmp_path):
+    with pytest.raises(ConfigError, match=r"algorithm.train_steps: 'sde' leaves no stochastic step to train"):
+        Trainer(tiny_cfg(tiny_sd3, tmp_path / "a", sample={"num_steps": 4, "prompts_per_iter": 2, "group_size": 4,
+                                                            "batch_size": 8, "sde_steps": []}))
+    with pytest.raises(ConfigError, match=r"model.resolution: image size 36x36 must be a multiple of 8"):
+        Trainer(tiny_cfg(tiny_sd3, tmp_path / "b", model={"path": tiny_sd3, "resolution": 36}))
+
+
+def test_model_resolution_is_the_size_the_run_samples_at(tiny_sd3, tmp_path):
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "r", model={"path": tiny_sd3, "resolution": 16,
+                                                           "lora": {"rank": 4, "alpha": 8}}))
+    assert t.adapter.latent_shape() == (4, 4, 4)  # 16 px through the tiny VAE (x4)
+    assert t.collect(0)[0].images.shape[-2:] == (16, 16)
+
+
+def test_accumulation_weights_mini_batches_by_their_samples_after_the_zero_advantage_filter(tiny_sd3, tmp_path):
+    """The gradient of an iteration's update is that of the mean loss over the kept samples, whatever the
+    mini-batching: batch 3 over 5 kept samples (mini-batches of 3 and 2, one optimizer step) equals one batch of 5."""
+    from flowalign.algorithms import Work
+
+    grads = {}
+    for bs in (3, 8):
+        t = Trainer(tiny_cfg(tiny_sd3, tmp_path / f"r{bs}", train={"batch_size": bs, "updates_per_iter": 1,
+                                                                     "lr": 1e-2, "max_grad_norm": 0.0}))
+        traj, rew, groups = t.collect(0)
+        adv = torch.tensor([1.0, -1.0, 0.5, 0.0, 0.0, -0.5, 0.0, 0.3])  # 5 kept
+        work = t.algo.plan(traj, adv, 0, torch.Generator().manual_seed(0))
+        assert len(work.keep) == 5
+        seen = []
+        t.opt.step = lambda: seen.append(torch.cat([p.grad.flatten().clone() for p in t.params]))
+        t._train_passes(work, {}, torch.Generator().manual_seed(0))
+        assert len(seen) == 1
+        grads[bs] = seen[0]
+    assert torch.allclose(grads[3], grads[8], rtol=1e-4, atol=1e-9) and grads[8].abs().max() > 0
