@@ -223,7 +223,7 @@ def format_judges_table(results_by_model: dict[str, dict], tasks=TASK_ORDER) -> 
         for j, m in cols) + " |")
     agree = ", ".join(f"{m} {r['agreement']['train_vs_heldout']['overall']:.3f}" for m, r in results_by_model.items())
     lines.append("")
-    lines.append(f"Headline judge: {label[HEADLINE]}. Per-image agreement of the training and held-out judges "
+    lines.append(f"Headline judge: {HEADLINE} (held-out strict). Per-image agreement of the training and held-out judges "
                  f"(lenient): {agree}.")
     return "\n".join(lines)
 
