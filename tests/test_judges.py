@@ -2,7 +2,6 @@
 judge on renders, the all-judges evaluation (SEs, agreement, audit grid), the strict reward, the gold set."""
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
