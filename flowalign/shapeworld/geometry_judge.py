@@ -4,8 +4,8 @@ NEVER use it as a training reward: it is not registered in ``flowalign.rewards``
 reward it. It exists so that a gain measured on generated images is not a policy learning the training judge's
 own leniency; a judge that is also the reward can be learned.
 
-What it shares with ``detector.py``: the background colour, the palette's colour names and the GenEval rules
-(``geneval.judge``). Everything else is different:
+What it shares with ``detector.py``: the background colour, the palette (names, and the hue and chroma ratio of
+each colour) and the GenEval rules (``geneval.judge``). Everything else is different:
 
 - **segmentation** by distance from the background, not by palette colour: every pixel farther than
   ``FG_DIST`` from the background is foreground, and each 4-connected foreground component is one candidate,
@@ -13,8 +13,9 @@ What it shares with ``detector.py``: the background colour, the palette's colour
   split it);
 - **colour** by hue, not nearest RGB: mixing a colour with the grey background keeps its hue and its ratio
   chroma / distance-from-background, so each pixel gets the palette colour of nearest hue, and is *clean* when
-  its hue is within ``HUE_TOL`` degrees and its ratio within ``RATIO_TOL`` of that colour's (olive, the mix of red
-  and green, has the hue of orange but half its ratio);
+  its hue lies within ``HUE_SHARE`` of the way to the midpoint with the neighbouring palette hue and its ratio
+  within ``RATIO_TOL`` of that colour's (olive, the mix of red and green, has the hue of orange but a third of
+  its ratio);
 - **shape** from the geometry of a soft coverage map, not template overlap: fill of the box, convex-hull
   solidity, the 3rd and 4th Fourier harmonics of the radial profile (a corner count: a triangle has three
   lobes, a square four at the diagonals, a cross four on the axes), the profile's spread, vertical skewness
@@ -50,7 +51,7 @@ HUE_SHARE, RATIO_TOL = 0.75, 0.25
 MAX_DIST = 4.0         # lenient: a candidate farther than this from every prototype is no shape
 STRICT_DIST, STRICT_RATIO, STRICT_COLOR = 2.0, 1.5, 0.8
 N_RAYS = 48
-FEATURES = ("fill", "solidity", "a4", "t3", "spread", "skew", "aspect")
+FEATURES = ("fill", "solidity", "a4", "t3", "spread", "skew", "aspect")  # the order of ``features``' vector
 # tolerance per feature (the unit of the prototype distance): how far a drawn shape may stray and still be it.
 # Fill and solidity get the widest: they move most with the soft, rounded corners of generated shapes at 32 px
 # (0.06 and 0.05 at first; widened after looking at the base model's gold-set images, see docs/judging.md)
