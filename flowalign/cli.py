@@ -68,6 +68,67 @@ def _shapeworld(a) -> int:
     return 0
 
 
+def _optimize_noise(a) -> int:
+    import json
+
+    from flowalign import noise
+    from flowalign.pipelines.base import load_adapter
+    from flowalign.trainer import resolve_model_path
+
+    method = noise.canonical_method(a.method)
+    takes = {"reno": "steps", "carinox": "steps", "best_of_n": "n", "fk": "particles"}[method]
+    for flag, val in (("steps", a.steps), ("n", a.n), ("particles", a.particles)):
+        if val is not None and val <= 0:
+            raise noise.NoiseOptError(f"--{flag} must be a positive integer, got {val}")
+    if a.steps is not None and method not in ("reno", "carinox"):
+        raise noise.NoiseOptError(f"--steps counts ReNO/CARINOX iterations; method {method} takes --{takes} "
+                                  f"(or --budget)")
+    if a.prompt is not None and a.prompts is not None:
+        raise noise.NoiseOptError("give --prompt or --prompts, not both")
+    if a.prompts is not None:
+        from flowalign.eval.benchmark import resolve_prompts, subsample
+        from flowalign.eval.geneval import load_metadata
+
+        metadata = subsample(load_metadata(resolve_prompts(a.prompts)), a.n_per_task)
+    elif a.prompt is not None:
+        if not a.prompt.strip():
+            raise noise.NoiseOptError("--prompt is empty")
+        metadata = [noise.metadata_for_prompt(a.prompt) or {"tag": "prompt", "prompt": a.prompt}]
+    else:
+        raise noise.NoiseOptError("give a --prompt TEXT or a --prompts FILE (GenEval metadata .jsonl)")
+    opts = {k: v for k, v in {"iterations": a.steps, "n": a.n, "particles": a.particles,
+                              "sampler_steps": a.sampler_steps, "lr": a.lr, "potential": a.potential,
+                              "resampling": a.resampling, "lam": a.lam, "ess_threshold": a.ess_threshold,
+                              "noise_level": a.noise_level, "n_explore": a.n_explore, "top_k": a.top_k}.items()
+            if v is not None}
+    if a.category_rewards:
+        if method != "carinox":
+            raise noise.NoiseOptError("--category-rewards applies to --method carinox only")
+        try:
+            opts["category_rewards"] = json.loads(open(a.category_rewards).read())
+        except (OSError, json.JSONDecodeError) as e:
+            raise noise.NoiseOptError(f"--category-rewards {a.category_rewards}: {e}") from None
+    spec = noise.parse_reward_args(a.reward)
+    reward = noise.resolve_reward(spec)  # unknown names fail before the model loads
+    if method in ("reno", "carinox"):
+        noise.check_differentiable(reward, method)
+    from diffusers.utils import logging as dlog
+
+    dlog.disable_progress_bar()
+    adapter = load_adapter(resolve_model_path(a.model))
+    res = noise.run_to_dir(adapter, metadata, reward, method, a.out, budget=a.budget, seed=a.seed,
+                           guidance=a.guidance, num_steps=a.sample_steps, chunk=a.batch_size, **opts)
+    print(f"{res['method']}: reward {res['reward_before_mean']:.4f} -> {res['reward_after_mean']:.4f} "
+          f"(mean over {len(metadata)} prompt(s)); {res['nfe_per_prompt']:.0f} NFE and "
+          f"{res['seconds_per_prompt']:.2f} s per prompt, peak memory {res['peak_memory_mb']:.0f} MB")
+    if "judges" in res:
+        j = res["judges"]
+        print(f"held-out strict judge ({j['headline']}): {j['before'][j['headline']]:.3f} -> "
+              f"{j['after'][j['headline']]:.3f}")
+    print(f"wrote {a.out}/result.json, before_after.png, reward_curve.png and images/")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -88,7 +149,35 @@ def main(argv=None) -> int:
     e.add_argument("--guidance", type=float, default=2.0)
     e.add_argument("--seed", type=int, default=1000)
     e.add_argument("--n-per-task", type=int, default=None)
-    sub.add_parser("optimize-noise", help="ReNO / CARINOX noise optimisation (not yet available)")
+    o = sub.add_parser("optimize-noise", help="inference-time alignment: best-of-N, ReNO, CARINOX, FK steering")
+    o.add_argument("--model", default="shapeworld", help="pipeline dir, hub id, or 'shapeworld'")
+    o.add_argument("--prompt", default=None, help="one prompt")
+    o.add_argument("--prompts", default=None,
+                   help="GenEval metadata .jsonl (or .txt, one prompt a line, or shapeworld:test): a batch")
+    o.add_argument("--n-per-task", type=int, default=None, help="with --prompts: the first N records of each task")
+    o.add_argument("--reward", action="append", default=None, metavar="NAME[=WEIGHT]",
+                   help="reward to maximise, repeatable (weighted sum); default shapeclip=1")
+    o.add_argument("--method", default="reno", help="best_of_n (bon) | reno | carinox | fk")
+    o.add_argument("--steps", type=int, default=None, help="ReNO / CARINOX gradient iterations (default 50)")
+    o.add_argument("--n", type=int, default=None, help="best-of-N candidates")
+    o.add_argument("--particles", type=int, default=None, help="FK steering particles")
+    o.add_argument("--budget", type=int, default=None,
+                   help="NFE (transformer forwards) per prompt; sets the count that is not given")
+    o.add_argument("--sample-steps", type=int, default=20, help="ODE/SDE sampling steps of the full sampler")
+    o.add_argument("--sampler-steps", type=int, default=None, help="ReNO's differentiable few-step sampler (1-4)")
+    o.add_argument("--guidance", type=float, default=3.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--lr", type=float, default=None)
+    o.add_argument("--n-explore", type=int, default=None, help="CARINOX exploration noises")
+    o.add_argument("--top-k", type=int, default=None, help="CARINOX seeds optimised")
+    o.add_argument("--category-rewards", default=None, help="CARINOX: JSON file {category: reward spec}")
+    o.add_argument("--potential", default=None, help="FK: max | difference | sum")
+    o.add_argument("--resampling", default=None, help="FK: multinomial | systematic")
+    o.add_argument("--lam", type=float, default=None, help="FK: potential temperature lambda")
+    o.add_argument("--ess-threshold", type=float, default=None, help="FK: resample when ESS < this x particles")
+    o.add_argument("--noise-level", type=float, default=None, help="FK: SDE noise level")
+    o.add_argument("--batch-size", type=int, default=32, help="prompts per optimisation batch")
+    o.add_argument("--out", default="runs/optimize_noise")
     sub.add_parser("demo", help="Gradio demo (not yet available)")
     sw = sub.add_parser("shapeworld", help="ShapeWorld tools")
     swsub = sw.add_subparsers(dest="sw_cmd", required=True)
@@ -109,6 +198,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.cmd == "eval":
         return run_guarded(lambda: _eval(a))
+    if a.cmd == "optimize-noise":
+        return run_guarded(lambda: _optimize_noise(a))
     if a.cmd == "shapeworld":
         if a.sw_cmd == "prompts" and a.out is None:
             from flowalign.shapeworld.prompts import DATA_DIR
