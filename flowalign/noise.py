@@ -17,7 +17,11 @@ Methods (``METHODS``):
 
 - ``best_of_n`` (``n``): n noises per prompt (the first is the base noise), each sampled with the full ODE
   sampler, scored by the reward; the best is kept. Any reward (no gradients).
-- ``reno`` (``iterations`` 50, ``sampler_steps`` 1, ``lr`` 5, ``momentum`` 0.9 Nesterov, ``clip`` 0.1,
+- ``reno`` (``iterations`` 50, ``sampler_steps`` 2 (ReNO used 1 on one-step distilled models; for a multi-step
+  flow model one Euler step from sigma = 1 gives the x_0 prediction at pure noise, which a well-trained model makes
+  nearly independent of x_T, so the gradient carries no signal: use 2-4), ``lr`` (default ``reno_lr(d)``: ReNO's 5 at SD-Turbo's
+  d = 4 x 64 x 64 latent elements, scaled by sqrt(d / 16384) so that a clipped step moves x_T by the same
+  fraction of its norm sqrt(d); 0.625 for ShapeWorld's d = 256), ``momentum`` 0.9 Nesterov, ``clip`` 0.1,
   ``prior`` "reno", ``prior_weight`` 0.01, ``checkpointing`` True): gradient ascent on x_T through a
   differentiable few-step ODE sampler (1-4 steps through ``adapter.predict``, gradients through
   ``adapter.decode(differentiable=True)``) on ``reward - prior_weight * prior(x_T)``, the gradient norm clipped
@@ -84,6 +88,13 @@ def noise_prior(z: torch.Tensor, kind: str = "reno") -> torch.Tensor:
     if kind == "none":
         return torch.zeros_like(sq)
     raise NoiseOptError(f"unknown prior {kind!r}; known priors: {', '.join(PRIORS)}")
+
+
+def reno_lr(d: int) -> float:
+    """ReNO's learning rate 5 (SGD, gradients clipped to norm 0.1) was set for SD-Turbo's d = 4 x 64 x 64 = 16384
+    latent elements, where a step of norm lr x clip = 0.5 is 0.4% of ||x_T|| ~ sqrt(d). The same relative step at d
+    elements: 5 sqrt(d / 16384)."""
+    return 5.0 * math.sqrt(d / 16384)
 
 
 def clip_grad_per_sample(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -189,6 +200,7 @@ class PeakMemory:
     def __init__(self, device):
         self.device = torch.device(device)
         self.peak_mb = float("nan")
+        self.start_mb = float("nan")
         self._stop = threading.Event()
 
     @staticmethod
@@ -211,8 +223,9 @@ class PeakMemory:
     def __enter__(self):
         if self.device.type == "cuda":  # untested here (no GPU)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2 ** 20
         else:
-            self._peak = self._rss_mb()
+            self._peak = self.start_mb = self._rss_mb()
             self._thread = threading.Thread(target=self._watch, daemon=True)
             self._thread.start()
         return self
@@ -236,7 +249,8 @@ class NoiseResult:
     ``trajectory`` (T, B): best_of_n the best reward after each candidate, reno / carinox the reward of each iterate
     (the few-step preview; carinox: the best of the top_k runs), fk the mean particle reward at each resampling
     step and at the end; ``nfe`` total transformer forwards (module docstring), ``nfe_per_prompt``; ``seconds``;
-    ``peak_memory_mb``; ``info`` the method's settings and diagnostics."""
+    ``peak_memory_mb`` (the process's peak RSS on the CPU, peak allocated CUDA memory on a GPU; ``info[
+    "memory_at_start_mb"]`` is the same measure when the call began); ``info`` the method's settings and diagnostics."""
     method: str
     prompts: list[str]
     images: torch.Tensor
@@ -449,6 +463,7 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
     preview reward and the trajectory (iterations + 1, rows)."""
     sig = ctx.adapter.schedule(sampler_steps)
     z = z0.detach().clone().requires_grad_(True)
+    lr = reno_lr(z[0].numel()) if lr is None else lr
     if optimizer == "sgd":
         opt = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     elif optimizer == "adam":
@@ -486,12 +501,13 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
         grad_norms.append(clip_grad_per_sample(z.grad, clip).mean().item() if clip else z.grad.flatten(1)
                           .norm(dim=1).mean().item())
         opt.step()
-    return best_z, best_r, torch.stack(traj), grad_norms
+    return best_z, best_r, torch.stack(traj), grad_norms, lr
 
 
 def _reno_options(o: dict) -> dict:
-    return dict(sampler_steps=_positive_int("sampler_steps", o.pop("sampler_steps", 1)),
-                lr=_positive_float("lr", o.pop("lr", 5.0)),
+    lr = o.pop("lr", None)
+    return dict(sampler_steps=_positive_int("sampler_steps", o.pop("sampler_steps", 2)),
+                lr=None if lr is None else _positive_float("lr", lr),
                 momentum=_positive_float("momentum", o.pop("momentum", 0.9), allow_zero=True),
                 nesterov=bool(o.pop("nesterov", True)),
                 clip=_positive_float("clip", o.pop("clip", 0.1), allow_zero=True),
@@ -503,7 +519,8 @@ def _reno_options(o: dict) -> dict:
 
 def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | None, ro: dict) -> dict:
     z0 = ctx.noise(0) if init is None else init.to(ctx.adapter.device).float()
-    best_z, best_r, traj, gn = _reno_loop(ctx, reward, z0, ctx.prompts, ctx.metadata, ctx.cond, iterations, **ro)
+    best_z, best_r, traj, gn, lr = _reno_loop(ctx, reward, z0, ctx.prompts, ctx.metadata, ctx.cond, iterations,
+                                              **ro)
     if final == "preview":
         with torch.no_grad():
             lat = ctx.preview(best_z, ctx.cond, ctx.adapter.schedule(ro["sampler_steps"]), False)
@@ -512,7 +529,7 @@ def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | N
         lat, img = ctx.render(best_z, ctx.cond)
     out = ctx.score(reward, img, ctx.prompts, ctx.metadata)
     return {"noises": best_z, "latents": lat, "images": img, "rewards": {k: v.detach() for k, v in out.items()},
-            "trajectory": traj, "info": dict(ro, iterations=iterations, final=final,
+            "trajectory": traj, "info": dict(ro, lr=lr, iterations=iterations, final=final,
                                              best_preview_reward=best_r.tolist(),
                                              mean_grad_norm_before_clip=gn)}
 
@@ -534,7 +551,7 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
     z0 = cand[torch.arange(B)[:, None], top.to(cand.device)].flatten(0, 1)  # rows b * k + j
     prompts, metadata, cond = ctx.rep(k)
     # (b) ReNO from each seed
-    best_z, best_r, traj, gn = _reno_loop(ctx, reward, z0, prompts, metadata, cond, iterations, **ro)
+    best_z, best_r, traj, gn, lr = _reno_loop(ctx, reward, z0, prompts, metadata, cond, iterations, **ro)
     # (c) the k results rendered in full, the best by reward kept
     lat, img = ctx.render(best_z, cond)
     out = ctx.score(reward, img, prompts, metadata)
@@ -545,7 +562,7 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
     return {"noises": best_z[rows.to(dev)], "latents": lat[rows.to(lat.device)], "images": img[rows.to(img.device)],
             "rewards": {kk: v.detach()[rows.to(v.device)] for kk, v in out.items()},
             "trajectory": traj.view(-1, B, k).amax(2),
-            "info": dict(ro, n_explore=n_explore, top_k=k, iterations=iterations,
+            "info": dict(ro, lr=lr, n_explore=n_explore, top_k=k, iterations=iterations,
                          explored_best=scores.amax(1).tolist(), seeds_kept=top.tolist(), picked=pick.tolist(),
                          mean_grad_norm_before_clip=gn)}
 
@@ -627,7 +644,7 @@ def cost_per_prompt(method: str, num_steps: int, cfg: bool, **o) -> int:
         return o["n"] * full
     if method == "fk":
         return o["particles"] * full
-    prev = o.get("sampler_steps", 1) * f
+    prev = o.get("sampler_steps", 2) * f
     per_it = prev * (4 if o.get("checkpointing", True) else 3)
     if method == "reno":
         return o["iterations"] * per_it + prev + (prev if o.get("final", "full") == "preview" else full)
@@ -794,7 +811,7 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
     finally:
         counter.close()
     info = dict(out.get("info", {}), guidance=float(guidance), num_steps=num_steps, seed=int(seed),
-                budget=budget, reward=repr(reward))
+                budget=budget, reward=repr(reward), memory_at_start_mb=mem.start_mb)
     res = NoiseResult(method=method, prompts=prompts, images=out["images"].detach(), noises=out["noises"].detach(),
                       latents=out["latents"].detach(), rewards=out["rewards"], trajectory=out["trajectory"].float(),
                       nfe=counter.total, nfe_per_prompt=counter.total / len(prompts), seconds=seconds,
@@ -833,7 +850,8 @@ def _run_carinox(ctx: _Ctx, reward, category_rewards, category_key, o, ro) -> di
             rew[k][idx] = p["rewards"][k].float().cpu()
         traj[:, idx] = p["trajectory"]
     out["rewards"], out["trajectory"] = rew, traj
-    out["info"] = dict(ro, n_explore=o["n_explore"], top_k=o["top_k"], iterations=o["iterations"],
+    out["info"] = dict(ro, lr=first["info"]["lr"], n_explore=o["n_explore"], top_k=o["top_k"],
+                       iterations=o["iterations"],
                        reward_per_category={c: repr(category_rewards.get(c, reward)) for c in groups})
     return out
 
