@@ -17,12 +17,10 @@ Methods (``METHODS``):
 
 - ``best_of_n`` (``n``): n noises per prompt (the first is the base noise), each sampled with the full ODE
   sampler, scored by the reward; the best is kept. Any reward (no gradients).
-- ``reno`` (``iterations`` 50, ``sampler_steps`` 2 (ReNO used 1 on one-step distilled models; for a multi-step
-  flow model one Euler step from sigma = 1 gives the x_0 prediction at pure noise, which a well-trained model makes
-  nearly independent of x_T, so the gradient carries no signal: use 2-4), ``lr`` (default ``reno_lr(d)``: ReNO's 5 at SD-Turbo's
-  d = 4 x 64 x 64 latent elements, scaled by sqrt(d / 16384) so that a clipped step moves x_T by the same
-  fraction of its norm sqrt(d); 0.625 for ShapeWorld's d = 256), ``momentum`` 0.9 Nesterov, ``clip`` 0.1,
-  ``prior`` "reno", ``prior_weight`` 0.01, ``checkpointing`` True): gradient ascent on x_T through a
+- ``reno`` (``iterations`` 50, ``sampler_steps`` min(4, num_steps) (ReNO used 1 on one-step distilled models; for
+  a multi-step flow model one Euler step from sigma = 1 gives the x_0 prediction at pure noise, which a
+  well-trained model makes nearly independent of x_T; ``preview_sigmas``), ``lr`` 5, ``momentum`` 0.9 Nesterov,
+  ``clip`` 0.1, ``prior`` "reno", ``prior_weight`` 0.01, ``checkpointing`` True): gradient ascent on x_T through a
   differentiable few-step ODE sampler (1-4 steps through ``adapter.predict``, gradients through
   ``adapter.decode(differentiable=True)``) on ``reward - prior_weight * prior(x_T)``, the gradient norm clipped
   per sample; every iterate (the first and the last included) is scored and the best one by reward is rendered
@@ -90,11 +88,14 @@ def noise_prior(z: torch.Tensor, kind: str = "reno") -> torch.Tensor:
     raise NoiseOptError(f"unknown prior {kind!r}; known priors: {', '.join(PRIORS)}")
 
 
-def reno_lr(d: int) -> float:
-    """ReNO's learning rate 5 (SGD, gradients clipped to norm 0.1) was set for SD-Turbo's d = 4 x 64 x 64 = 16384
-    latent elements, where a step of norm lr x clip = 0.5 is 0.4% of ||x_T|| ~ sqrt(d). The same relative step at d
-    elements: 5 sqrt(d / 16384)."""
-    return 5.0 * math.sqrt(d / 16384)
+def preview_sigmas(sigmas: torch.Tensor, k: int) -> torch.Tensor:
+    """The few-step sampler's sigmas: the full sampler's schedule (T + 1 values, the family's shift applied, last 0)
+    at k + 1 evenly spaced indices, so every step is a real one. (The scheduler's own k-step schedule is not: a
+    FlowMatchEuler k-step schedule ends 0.001 -> 0, which makes its "2 steps" one step.)"""
+    T = len(sigmas) - 1
+    if not 1 <= k <= T:
+        raise NoiseOptError(f"sampler_steps must be between 1 and the sampling steps ({T}), got {k}")
+    return sigmas[torch.linspace(0, T, k + 1).round().long()]
 
 
 def clip_grad_per_sample(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -461,9 +462,8 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
                clip, prior, prior_weight, checkpointing, optimizer):
     """Gradient ascent on the rows of z0 (rows aligned with prompts/cond). Returns the best iterate per row, its
     preview reward and the trajectory (iterations + 1, rows)."""
-    sig = ctx.adapter.schedule(sampler_steps)
+    sig = preview_sigmas(ctx.sigmas, sampler_steps)
     z = z0.detach().clone().requires_grad_(True)
-    lr = reno_lr(z[0].numel()) if lr is None else lr
     if optimizer == "sgd":
         opt = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
     elif optimizer == "adam":
@@ -504,10 +504,9 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
     return best_z, best_r, torch.stack(traj), grad_norms, lr
 
 
-def _reno_options(o: dict) -> dict:
-    lr = o.pop("lr", None)
-    return dict(sampler_steps=_positive_int("sampler_steps", o.pop("sampler_steps", 2)),
-                lr=None if lr is None else _positive_float("lr", lr),
+def _reno_options(o: dict, num_steps: int) -> dict:
+    return dict(sampler_steps=_positive_int("sampler_steps", o.pop("sampler_steps", min(4, num_steps))),
+                lr=_positive_float("lr", o.pop("lr", 5.0)),
                 momentum=_positive_float("momentum", o.pop("momentum", 0.9), allow_zero=True),
                 nesterov=bool(o.pop("nesterov", True)),
                 clip=_positive_float("clip", o.pop("clip", 0.1), allow_zero=True),
@@ -523,7 +522,7 @@ def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | N
                                               **ro)
     if final == "preview":
         with torch.no_grad():
-            lat = ctx.preview(best_z, ctx.cond, ctx.adapter.schedule(ro["sampler_steps"]), False)
+            lat = ctx.preview(best_z, ctx.cond, preview_sigmas(ctx.sigmas, ro["sampler_steps"]), False)
             img = ctx.adapter.decode(lat)
     else:
         lat, img = ctx.render(best_z, ctx.cond)
@@ -536,7 +535,7 @@ def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | N
 
 def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro: dict) -> dict:
     B, k = len(ctx.prompts), top_k
-    sig = ctx.adapter.schedule(ro["sampler_steps"])
+    sig = preview_sigmas(ctx.sigmas, ro["sampler_steps"])
     # (a) exploration on the few-step preview
     cand, scores = [], []
     for j in range(n_explore):
@@ -548,7 +547,7 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
     scores = torch.nan_to_num(torch.stack(scores, 1), nan=-math.inf)  # (B, n_explore)
     top = scores.topk(k, dim=1).indices  # (B, k)
     cand = torch.stack(cand, 1)  # (B, n_explore, *latent)
-    z0 = cand[torch.arange(B)[:, None], top.to(cand.device)].flatten(0, 1)  # rows b * k + j
+    z0 = cand[torch.arange(B, device=cand.device)[:, None], top.to(cand.device)].flatten(0, 1)  # rows b * k + j
     prompts, metadata, cond = ctx.rep(k)
     # (b) ReNO from each seed
     best_z, best_r, traj, gn, lr = _reno_loop(ctx, reward, z0, prompts, metadata, cond, iterations, **ro)
@@ -644,7 +643,7 @@ def cost_per_prompt(method: str, num_steps: int, cfg: bool, **o) -> int:
         return o["n"] * full
     if method == "fk":
         return o["particles"] * full
-    prev = o.get("sampler_steps", 2) * f
+    prev = o.get("sampler_steps", min(4, num_steps)) * f
     per_it = prev * (4 if o.get("checkpointing", True) else 3)
     if method == "reno":
         return o["iterations"] * per_it + prev + (prev if o.get("final", "full") == "preview" else full)
@@ -746,7 +745,8 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         o["particles"] = _positive_int("particles", o.get("particles"), allow_none=True)
     else:
         o["iterations"] = _positive_int("steps (iterations)", o.get("iterations"), allow_none=True)
-        ro = _reno_options(o)
+        ro = _reno_options(o, num_steps)
+        preview_sigmas(torch.linspace(1, 0, num_steps + 1), ro["sampler_steps"])  # 1 <= sampler_steps <= num_steps
         if ro["prior"] not in PRIORS:
             raise NoiseOptError(f"unknown prior {ro['prior']!r}; known priors: {', '.join(PRIORS)}")
         if method == "carinox":

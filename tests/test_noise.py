@@ -76,6 +76,20 @@ def test_gradient_clipping_is_per_sample():
     assert g[1].flatten().tolist() == pytest.approx([0.03, 0.04])  # under the limit: unchanged
 
 
+def test_preview_sigmas_subsample_the_full_schedule(tiny_adapter):
+    full = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert noise.preview_sigmas(full, 2).tolist() == [1.0, 0.5, 0.0]
+    assert noise.preview_sigmas(full, 4).tolist() == full.tolist()
+    assert noise.preview_sigmas(full, 1).tolist() == [1.0, 0.0]
+    # the scheduler's own 2-step schedule ends 0.001 -> 0 (one real step); the subsampled one has two
+    own = tiny_adapter.schedule(2)
+    assert own[-2].item() < 0.01
+    sub = noise.preview_sigmas(tiny_adapter.schedule(20), 2)
+    assert sub[0].item() == 1.0 and 0.4 < sub[1].item() < 0.6 and sub[2].item() == 0.0
+    with pytest.raises(NoiseOptError, match="sampler_steps must be between 1 and the sampling steps"):
+        noise.preview_sigmas(full, 5)
+
+
 # ------------------------------------------------------------------------------------------------ FK pieces
 def test_fk_potentials_by_hand():
     r1, r2 = torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.1])
