@@ -100,13 +100,17 @@ def calibrate(a, adapter, out: Path) -> dict:
     """CARINOX's reward selection: base samples of training prompts (their own seeds), each candidate's rank
     correlation with the exact judge's partial credit per task; the best candidate per task."""
     from flowalign import noise
-    from flowalign.eval.benchmark import resolve_prompts, subsample
+    from flowalign.eval.benchmark import resolve_prompts
     from flowalign.eval.geneval import load_metadata
 
     path = out / "calibration.json"
     if path.is_file():
         return json.loads(path.read_text())
-    cal = subsample(load_metadata(resolve_prompts("shapeworld:train")), a.calib_per_task)
+    by: dict[str, list[dict]] = {}
+    for m in load_metadata(resolve_prompts("shapeworld:train")):
+        by.setdefault(m["tag"], []).append(m)
+    # calib_per_task images per task: a task with fewer distinct prompts repeats them (each image its own noise)
+    cal = [ms[i % len(ms)] for ms in by.values() for i in range(a.calib_per_task)]
     t0 = time.perf_counter()
     _, images = noise.base_samples(adapter, [m["prompt"] for m in cal], a.calib_seed, None, a.guidance, a.steps)
     cands = dict(CANDIDATES, **{"shapeclip+artifact": {"shapeclip": 1.0, "artifact": a.artifact_weight}})
