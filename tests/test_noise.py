@@ -175,6 +175,26 @@ def test_reno_batched_equals_one_prompt_at_a_time(tiny_adapter, shapeclip):
     assert torch.allclose(both.trajectory[:, 1], second.trajectory[:, 0], atol=1e-3)
 
 
+def test_checkpointing_changes_the_cost_not_the_result(tiny_adapter, shapeclip):
+    kw = dict(iterations=3, num_steps=3, sampler_steps=2, seed=2)
+    a = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "reno", checkpointing=False, **kw)
+    b = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "reno", checkpointing=True, **kw)
+    assert torch.allclose(a.trajectory, b.trajectory, atol=1e-4)
+    assert torch.allclose(a.noises, b.noises, atol=1e-5)
+    # 3 iterations x 2 steps x 2 CFG rows recomputed
+    assert b.nfe_per_prompt - a.nfe_per_prompt == 3 * 2 * 2
+
+
+def test_peak_memory_sees_an_allocation():
+    import time
+
+    with noise.PeakMemory("cpu") as m:
+        x = torch.ones(64 * 2 ** 20 // 4)  # 64 MiB
+        time.sleep(0.05)
+        del x
+    assert m.peak_mb - m.start_mb > 50
+
+
 def test_results_reproduce_from_a_seed(tiny_adapter, shapeclip):
     for method, kw in (("best_of_n", dict(n=3)), ("reno", dict(iterations=2)),
                        ("fk", dict(particles=3, resample_at=[1], lam=5.0))):
