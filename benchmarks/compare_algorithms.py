@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +95,8 @@ def main(argv=None) -> str:
         name = Path(path).stem
         run_dir = out / name
         if not (run_dir / "results.json").is_file():  # finished runs are reused: a killed comparison continues
+            if run_dir.exists():  # an unfinished one (no checkpoints are kept) starts again
+                shutil.rmtree(run_dir)
             cfg = load_config(path, [f"train.iterations={a.iterations}", f"eval.every={a.eval_every}",
                                      f"eval.guidance={a.guidance}", f"eval.n_per_task={a.n_per_task}",
                                      "data.eval_unseen=null", f"run.seed={a.seed}", f"run.output_dir={run_dir}",
