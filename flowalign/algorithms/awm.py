@@ -17,8 +17,8 @@ from typing import Literal
 
 import torch
 
-from .base import Algorithm, Work
-from .forward import check_time_cfg, noised, plan_noising
+from .base import Algorithm, Work, nonzero_advantages
+from .forward import check_time_cfg, plan_noising, velocity_draw, velocity_kl
 from .grpo import clipped_policy_loss
 
 
@@ -65,18 +65,16 @@ class AWM(Algorithm):
         return ("old",) + (("ema",) if self.cfg.ema_beta > 0 else ()) + (("reference",) if self.cfg.beta > 0 else ())
 
     def plan(self, traj, adv, it, gen) -> Work:
-        keep = (adv != 0).nonzero().view(-1).cpu() if self.ctx.world == 1 else torch.arange(len(traj))
-        return plan_noising(traj, adv, keep, self.cfg.t_draws, gen, self.cfg.t_sampling, tuple(self.cfg.t_range))
+        c = self.cfg
+        return plan_noising(traj, adv, nonzero_advantages(adv, self.ctx.world), c.t_draws, gen, c.t_sampling,
+                            tuple(c.t_range))
 
     def parts(self, work: Work) -> list:
         return list(range(self.cfg.t_draws))
 
     def loss(self, fwd, work: Work, k: int):
-        c, tr = self.cfg, work.traj
-        x0, t, eps = tr.latents[:, -1], work.extra["t"][:, k], work.extra["eps"][:, k]
-        x_t = noised(x0, t, eps)
-        v = fwd.predict(x_t, t, tr.cond, tr.guidance)
-        v_old = fwd.predict(x_t, t, tr.cond, tr.guidance, policy="old")
+        c = self.cfg
+        x0, t, eps, x_t, v, v_old = velocity_draw(fwd, work, k)
         l_new = matching_loss(v, x0, eps, t, c.weighting)
         l_old = matching_loss(v_old, x0, eps, t, c.weighting)
         loss, stats = clipped_policy_loss(-l_new, -l_old, work.adv, c.clip_range) if c.clip_range > 0 else \
@@ -85,7 +83,7 @@ class AWM(Algorithm):
         stats["match_loss"] = l_new.mean().item()
         for name, beta in (("reference", c.beta), ("ema", c.ema_beta)):
             if beta > 0:
-                kl = (v - fwd.predict(x_t, t, tr.cond, tr.guidance, policy=name)).pow(2).mean()
+                kl = velocity_kl(fwd, work, x_t, t, v, name)
                 loss = loss + beta * kl
                 stats["kl" if name == "reference" else "ema_kl"] = kl.item()
         return loss / c.t_draws, stats

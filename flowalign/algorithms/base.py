@@ -53,6 +53,12 @@ class Work:
                     {k: v[idx.to(v.device)] for k, v in self.extra.items()}, self.unit, self.info)
 
 
+def nonzero_advantages(adv: torch.Tensor, world: int) -> torch.Tensor:
+    """The samples worth training when a zero advantage carries no signal: those with A != 0, on one process.
+    With several processes every one must run the same backward passes, so all samples are kept."""
+    return (adv != 0).nonzero().view(-1).cpu() if world == 1 else torch.arange(len(adv))
+
+
 class Forward:
     """What a loss may call: the trained policy's prediction / step (through the trainer's wrapped module, with the
     configured CFG-gradient mode), and the named policies' (under no_grad)."""

@@ -26,6 +26,20 @@ def noised(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor
     return (1 - t4) * x0 + t4 * eps
 
 
+def velocity_draw(fwd, work: Work, k: int):
+    """Draw k of every sample: (x0, t, eps, x_t, v_theta, v_old), the velocities at the rollout's CFG scale."""
+    tr = work.traj
+    x0, t, eps = tr.latents[:, -1], work.extra["t"][:, k], work.extra["eps"][:, k]
+    x_t = noised(x0, t, eps)
+    v = fwd.predict(x_t, t, tr.cond, tr.guidance)
+    return x0, t, eps, x_t, v, fwd.predict(x_t, t, tr.cond, tr.guidance, policy="old")
+
+
+def velocity_kl(fwd, work: Work, x_t, t, v, policy: str) -> torch.Tensor:
+    """mean((v_theta - v_policy)^2): the velocity-MSE KL to a named policy (the reference, an EMA)."""
+    return (v - fwd.predict(x_t, t, work.traj.cond, work.traj.guidance, policy=policy)).pow(2).mean()
+
+
 def plan_noising(traj, adv, keep, draws: int, gen: torch.Generator, how: str, t_range) -> Work:
     """Work for a forward-process algorithm: per sample, ``draws`` noise levels and noises (drawn for the whole
     batch, so a sample's draws do not depend on which samples are kept or how they are batched)."""

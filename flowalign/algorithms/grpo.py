@@ -20,7 +20,7 @@ from flowalign import seeding
 from flowalign.rollout import replay_step, step_rows, trained_steps
 from flowalign.samplers import gaussian_kl, step_std
 
-from .base import Algorithm, RolloutSpec, Work
+from .base import Algorithm, RolloutSpec, Work, nonzero_advantages
 
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std: bool = False, eps: float = 1e-4,
@@ -124,9 +124,7 @@ class GRPO(Algorithm):
             w = {j: float(self.step_std[j]) / m for j in steps}
         # samples with zero advantage (groups that all scored the same) carry no policy gradient: skip them, as
         # flow_grpo does (with beta > 0 they would only add KL; the other samples keep that term)
-        # (one process only: with several, every process must run the same number of backward passes)
-        keep = (adv != 0).nonzero().view(-1).cpu() if self.ctx.world == 1 else torch.arange(len(traj))
-        return Work(traj, adv, keep, info={"steps": steps, "weights": w})
+        return Work(traj, adv, nonzero_advantages(adv, self.ctx.world), info={"steps": steps, "weights": w})
 
     def parts(self, work: Work) -> list:
         steps, mask = work.info["steps"], work.traj.sde_mask

@@ -23,8 +23,8 @@ from typing import Literal
 
 import torch
 
-from .base import Algorithm, RolloutSpec, Work
-from .forward import check_time_cfg, noised, plan_noising
+from .base import Algorithm, RolloutSpec, Work, nonzero_advantages
+from .forward import check_time_cfg, plan_noising, velocity_draw, velocity_kl
 
 
 def optimality_weight(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:
@@ -91,23 +91,20 @@ class NFT(Algorithm):
 
     def plan(self, traj, adv, it, gen) -> Work:
         c = self.cfg
-        skip = c.zero_adv == "skip" and self.ctx.world == 1
-        keep = (adv != 0).nonzero().view(-1).cpu() if skip else torch.arange(len(traj))
+        skip = c.zero_adv == "skip"
+        keep = nonzero_advantages(adv, self.ctx.world) if skip else torch.arange(len(traj))
         return plan_noising(traj, adv, keep, c.t_draws, gen, c.t_sampling, tuple(c.t_range))
 
     def parts(self, work: Work) -> list:
         return list(range(self.cfg.t_draws))
 
     def loss(self, fwd, work: Work, k: int):
-        c, tr = self.cfg, work.traj
-        x0, t, eps = tr.latents[:, -1], work.extra["t"][:, k], work.extra["eps"][:, k]
-        x_t = noised(x0, t, eps)
-        v = fwd.predict(x_t, t, tr.cond, tr.guidance)
-        v_old = fwd.predict(x_t, t, tr.cond, tr.guidance, policy="old")
+        c = self.cfg
+        x0, t, _, x_t, v, v_old = velocity_draw(fwd, work, k)
         loss, stats = nft_loss(v, v_old, x_t, x0, t, optimality_weight(work.adv, c.adv_clip), c.beta)
         stats["policy_loss"] = loss.item()
         if c.kl_beta > 0:
-            kl = (v - fwd.predict(x_t, t, tr.cond, tr.guidance, policy="reference")).pow(2).mean()
+            kl = velocity_kl(fwd, work, x_t, t, v, "reference")
             loss = loss + c.kl_beta * kl
             stats["kl"] = kl.item()
         return loss / c.t_draws, stats
