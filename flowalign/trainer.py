@@ -357,7 +357,10 @@ class Trainer:
 
     def save(self):
         if self.is_main:
-            state = {"optimizer": self.opt.state_dict(), "ema": self.ema, "rng": ckpt.rng_state(),
+            # named policies that move (NFT's old, AWM's old / ema): a resumed run continues with them
+            policies = {n: [t.detach().cpu().clone() for t in self.adapter.policy_tensors(n)]
+                        for n in self.algo.policies() if n != "reference"}
+            state = {"optimizer": self.opt.state_dict(), "ema": self.ema, "rng": ckpt.rng_state(), "policies": policies,
                      "counters": {"iteration": self.iteration, "nan_skipped": self.nan_skipped,
                                   "nan_streak": self.nan_streak}, "evals": self.evals}
             ckpt.save_checkpoint(self.out / "checkpoints", f"iter_{self.iteration:06d}", self.trainable_state(), state,
@@ -375,6 +378,10 @@ class Trainer:
                 p.copy_(weights[k])
         self.opt.load_state_dict(state["optimizer"])
         self.ema = None if state["ema"] is None else [e.to(p.device) for e, p in zip(state["ema"], self.params)]
+        with torch.no_grad():
+            for n, tensors in state.get("policies", {}).items():
+                for dst, src in zip(self.adapter.policy_tensors(n), tensors):
+                    dst.copy_(src.to(dst.device))
         ckpt.set_rng_state(state["rng"])
         c = state["counters"]
         self.iteration, self.nan_skipped, self.nan_streak = c["iteration"], c["nan_skipped"], c["nan_streak"]

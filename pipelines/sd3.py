@@ -193,6 +193,11 @@ class SD3Adapter:
         else:
             self._policies[name] = copy.deepcopy(self.transformer).requires_grad_(False).eval()
 
+    def policy_tensors(self, name: str) -> list[torch.Tensor]:
+        """The weights of a named policy that has its own (not a LoRA run's reference), in the order of the
+        trained parameters: for checkpoints (read, or ``copy_`` into them to restore)."""
+        return self._policy_tensors(name)
+
     def _policy_tensors(self, name: str) -> list[torch.Tensor]:
         pol = self._policies.get(name, "missing")
         if pol is None or isinstance(pol, str):

@@ -176,3 +176,15 @@ def test_nft_old_policy_follows_by_the_decay_schedule(tiny_sd3, tmp_path):
 def test_every_algorithm_is_a_protocol_class_with_its_config():
     for name, cls in ALGORITHMS.items():
         assert cls.name == name and cls.Config().name == name and isinstance(cls.stochastic, bool)
+
+
+def test_a_resumed_nft_run_keeps_its_old_policy(tiny_sd3, tmp_path):
+    cfg = dict(algorithm={"name": "nft", "decay_rate": 0.3, "decay_max": 0.9},
+               train={"iterations": 2, "lr": 1e-2, "batch_size": 8, "updates_per_iter": 1})
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", **cfg))
+    t.run()
+    old = [o.clone() for o in t.adapter.policy_tensors("old")]
+    assert any(not torch.equal(o, p) for o, p in zip(old, t.params))  # decay 0.3 at iteration 1: old lags
+    again = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", **cfg))
+    assert again.iteration == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.adapter.policy_tensors("old"), old))
