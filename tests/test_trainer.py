@@ -448,3 +448,24 @@ def test_accumulation_weights_mini_batches_by_their_samples_after_the_zero_advan
         assert len(seen) == 1
         grads[bs] = seen[0]
     assert torch.allclose(grads[3], grads[8], rtol=1e-4, atol=1e-9) and grads[8].abs().max() > 0
+
+
+def test_compare_and_seeds_reports_read_a_finished_run(tiny_sd3, tmp_path):
+    """benchmarks/compare_algorithms.py's curves and table, and seeds_report.py's row, on a real 2-iteration run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import compare_algorithms
+    import seeds_report
+
+    out = tmp_path / "cmp" / "tiny"
+    Trainer(tiny_cfg(tiny_sd3, out, eval={"num_steps": 2, "n_per_task": 1, "every": 1, "guidance": [1.5, 2.0]},
+                     run={"output_dir": str(out), "checkpoint_every": 0})).run()
+    c = compare_algorithms.curves(out)
+    assert c["images"] == [0, 8, 16] and c["algorithm"] == "grpo" and len(c["headline"]) == 3
+    assert c["minutes"][0] == 0 and c["minutes"][1] < c["minutes"][2]
+    table = compare_algorithms.report({"tiny": c}, tmp_path / "cmp")
+    assert "| tiny | grpo | 16 |" in table and (tmp_path / "cmp" / "compare.png").is_file()
+    res = json.loads((out / "results.json").read_text())
+    line, ok = seeds_report.row("tiny", res, 0.15)
+    d = res["final"]["test"]["overall"] - res["base"]["test"]["overall"]
+    se = seeds_report.se_diff(res["base"]["test"]["se_overall"], res["final"]["test"]["se_overall"])
+    assert f"{d:+.3f} ± {se:.3f}" in line and ok == (d > 2 * se and "| none |" in line)
