@@ -4,7 +4,8 @@ training prompts), FK steering (the exact judge as potential; shapeclip as poten
 training judge as verifier (a ceiling), all from the same seeds, judged by every ShapeWorld judge (headline: the
 held-out judge's strict verdict).
 
-    python benchmarks/noise_opt.py --n-per-task 100 --budget 200 --out runs/noise_opt
+    python benchmarks/noise_opt.py --n-per-task 100 --budget 288 --out runs/noise_opt
+    python benchmarks/noise_opt.py --memory-probe      # ReNO's peak memory with and without checkpointing
 
 Every method runs in its own process (one after another, ``--threads`` each), so that its peak memory (peak RSS of
 that process, model and judges included) is its own. Record i of the test file starts from the noise of
@@ -68,6 +69,9 @@ def parse(argv=None):
     ap.add_argument("--calib-seed", type=int, default=5000)
     ap.add_argument("--model", default="shapeworld", help="pipeline dir (default the shipped ShapeWorld model)")
     ap.add_argument("--out", default="runs/noise_opt")
+    ap.add_argument("--memory-probe", action="store_true",
+                    help="only: ReNO on the first 100 prompts, 2 iterations, gradient checkpointing off and on "
+                         "(each in its own process): peak memory and NFE")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -175,7 +179,8 @@ def child(a) -> None:
     rec = {"name": name, "label": LABELS[name], "method": method, "reward": str(rspec),
            "options": {k: (str(v) if k == "category_rewards" else v) for k, v in opts.items()},
            "nfe_per_prompt": nfe / len(meta), "seconds_per_prompt": secs / len(meta), "seconds": secs,
-           "peak_memory_mb": peak, "memory_delta_mb": delta, "n_prompts": len(meta), "info": infos[0] if len(infos) == 1 else infos,
+           "peak_memory_mb": peak, "memory_delta_mb": delta, "n_prompts": len(meta),
+           "info": infos[0] if len(infos) == 1 else infos,
            "judges": j["judges"], "agreement": {k: v["overall"] for k, v in j["agreement"].items()},
            "verdicts": [r["verdicts"] for r in j["per_image"]], "tags": [r["tag"] for r in j["per_image"]], **extra}
     (out / f"{name}.json").write_text(json.dumps(rec, default=float))
@@ -198,9 +203,11 @@ def report(a, recs: dict) -> str:
     base = recs.get("base")
     n = next(iter(recs.values()))["n_prompts"]
     lines = [f"ShapeWorld {a.split} prompts ({a.n_per_task} per task, {n} in all), seed {a.seed}, CFG {a.guidance}, "
-             f"{a.steps} ODE steps, budget {a.budget} NFE per prompt (base: {2 * a.steps}); CPU, {a.threads} threads.",
-             "", "| method | NFE/prompt | held-out strict (headline) | Δ vs base (paired SE) | held-out | train strict "
-             "| train | s/prompt | peak RSS MB (+ over the call's start) |", "|---|---|---|---|---|---|---|---|---|"]
+             f"{a.steps} ODE steps, budget {a.budget} NFE per prompt (base: {2 * a.steps}); CPU, {a.threads} "
+             f"threads.",
+             "", "| method | NFE/prompt | held-out strict (headline) | Δ vs base (paired SE) | held-out "
+             "| train strict | train | s/prompt | peak RSS MB (+ over the call's start) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in recs.items():
         J = r["judges"]
         if base is not None and name != "base":
@@ -227,6 +234,20 @@ def report(a, recs: dict) -> str:
         J = r["judges"]["train"]
         lines.append(f"| {name} | " + " | ".join(f"{J['per_task'].get(t, float('nan')):.2f}" for t in TASK_ORDER)
                      + " |")
+    pairs = [("fk_shapeclip", "bon_shapeclip"), ("fk_judge", "bon_judge"), ("carinox", "bon_shapeclip"),
+             ("carinox", "reno_shapeclip"), ("reno_shapeclip", "bon_shapeclip"),
+             ("reno_shapeclip_artifact", "reno_shapeclip")]
+    pairs = [(x, y) for x, y in pairs if x in recs and y in recs]
+    if pairs:
+        lines += ["", "Paired differences on the same prompts and seeds (held-out strict; training judge beside):", "",
+                  "| A − B | held-out strict | train |", "|---|---|---|"]
+        for x, y in pairs:
+            cell = []
+            for jn in (H, "train"):
+                _, dm, dse = paired(recs[x]["tags"], [v[jn] for v in recs[x]["verdicts"]],
+                                    [v[jn] for v in recs[y]["verdicts"]])
+                cell.append(f"{dm:+.3f} ± {dse:.3f}")
+            lines.append(f"| {x} − {y} | {cell[0]} | {cell[1]} |")
     if "carinox" in recs and "calibration" in recs["carinox"]:
         c = recs["carinox"]["calibration"]
         lines += ["", f"CARINOX reward per task (Spearman with the training judge's partial credit on "
@@ -235,8 +256,9 @@ def report(a, recs: dict) -> str:
         lines += ["| task | n | " + " | ".join(names) + " | chosen |", "|---|---|" + "---|" * (len(names) + 1)]
         for t in TASK_ORDER:
             if t in c["correlations"]:
-                cells = " | ".join("–" if c["correlations"][t][k] is None or not math.isfinite(c["correlations"][t][k])
-                                   else f"{c['correlations'][t][k]:+.2f}" for k in names)
+                cr = c["correlations"][t]
+                cells = " | ".join("–" if cr[k] is None or not math.isfinite(cr[k]) else f"{cr[k]:+.2f}"
+                                   for k in names)
                 lines.append(f"| {t} | {c['n'][t]} | {cells} | {c['chosen'][t]} |")
     lines += ["", "Settings per method:", ""]
     for name, r in recs.items():
@@ -263,12 +285,42 @@ def grids(a, recs, out: Path) -> None:
             save_grid(imgs, m, out / f"grid_{name}.png")
 
 
+def memory_probe(a, checkpointing: bool) -> str:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from diffusers.utils import logging as dlog
+
+    from flowalign import noise
+    from flowalign.pipelines.base import load_adapter
+    from flowalign.trainer import resolve_model_path
+
+    dlog.disable_progress_bar()
+    meta = metadata(a)[:100]
+    adapter = load_adapter(resolve_model_path(a.model))
+    r = noise.optimize(adapter, [m["prompt"] for m in meta], "shapeclip", "reno", iterations=2, seed=a.seed,
+                       guidance=a.guidance, num_steps=a.steps, sampler_steps=a.reno_sampler_steps,
+                       checkpointing=checkpointing)
+    return (f"checkpointing={checkpointing}: {len(meta)} prompts, 2 iterations, {a.reno_sampler_steps} sampler "
+            f"steps: peak RSS {r.peak_memory_mb:.0f} MB, +{r.peak_memory_mb - r.info['memory_at_start_mb']:.0f} MB "
+            f"over the call's start, NFE/prompt {r.nfe_per_prompt:.0f}, {r.seconds:.1f} s")
+
+
 def main(argv=None) -> int:
     a = parse(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.child:
+        if a.child.startswith("memory:"):
+            print(memory_probe(a, a.child == "memory:1"), flush=True)
+            return 0
         child(a)
+        return 0
+    if a.memory_probe:
+        env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
+        args = list(argv if argv is not None else sys.argv[1:])
+        for c in ("0", "1"):
+            subprocess.run([sys.executable, __file__, *args, "--child", f"memory:{c}"], env=env, check=True)
         return 0
     names = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in names if m not in ALL]
