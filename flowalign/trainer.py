@@ -52,8 +52,8 @@ class Trainer:
         self.out = Path(cfg.run.output_dir)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"run.output_dir: {self.out} is an existing file, not a directory")
-        resumable = cfg.run.resume and ckpt.latest_checkpoint(self.out / "checkpoints") is not None
-        if (self.out / "metrics.jsonl").is_file() and not resumable:
+        latest = ckpt.latest_checkpoint(self.out / "checkpoints") if cfg.run.resume else None
+        if (self.out / "metrics.jsonl").is_file() and latest is None:
             raise ConfigError(f"run.output_dir: {self.out} already holds a run (metrics.jsonl) with nothing to resume "
                               f"{'(run.resume is false)' if not cfg.run.resume else 'from'}; use a new directory, "
                               f"or delete that one")
@@ -102,8 +102,8 @@ class Trainer:
         self.iteration, self.nan_streak, self.nan_skipped = 0, 0, 0
         self.evals: list[dict] = []
         self.is_main = self.acc.is_main_process
-        if cfg.run.resume and (c := ckpt.latest_checkpoint(self.out / "checkpoints")) is not None:
-            self.load(c)
+        if latest is not None:
+            self.load(latest)
 
     # ---------------------------------------------------------------------------------------- data
     def prompts_for(self, it: int) -> tuple[list[int], list[dict], list[int]]:
@@ -251,10 +251,10 @@ class Trainer:
             chunks = [batches[i * len(batches) // n_up:(i + 1) * len(batches) // n_up] for i in range(n_up)]
             for chunk in chunks:
                 total = sum(len(b) for b in chunk)
+                even = len({len(b) for b in chunk}) == 1
                 for b, idx in enumerate(chunk):
                     mb = work.index(idx)
                     parts = self.algo.parts(mb)
-                    even = all(len(x) == len(idx) for x in chunk)
                     for k, part in enumerate(parts):
                         # gradients are all-reduced once per optimizer step: at the last backward before it
                         last = b == len(chunk) - 1 and k == len(parts) - 1
