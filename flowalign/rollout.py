@@ -26,6 +26,7 @@ class Trajectory:
     metadata: list | None = None
     images: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]
     noise_block: int = 1                # SDE noise in f x f block-constant latents (see samplers.flow_sde_step)
+    groups: torch.Tensor | None = None  # (B,) prompt-group id of each sample (set by the trainer), for pairing
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -44,7 +45,7 @@ class Trajectory:
                 vals[f.name] = None if v is None else [v[j] for j in keep]
             elif f.name == "cond":
                 vals[f.name] = v.index(idx)
-            elif f.name in ("latents", "log_probs", "images") or (f.name == "sde_mask" and v.ndim == 2):
+            elif f.name in ("latents", "log_probs", "images", "groups") or (f.name == "sde_mask" and v.ndim == 2):
                 vals[f.name] = None if v is None else v[idx]
             else:
                 vals[f.name] = v
@@ -59,7 +60,8 @@ class Trajectory:
             sde_mask=torch.cat([t.sde_mask for t in trajs]) if t0.sde_mask.ndim == 2 else t0.sde_mask,
             sigmas=t0.sigmas, guidance=t0.guidance, noise_level=t0.noise_level, noise_block=t0.noise_block,
             metadata=None if t0.metadata is None else [m for t in trajs for m in t.metadata],
-            images=None if t0.images is None else torch.cat([t.images for t in trajs]))
+            images=None if t0.images is None else torch.cat([t.images for t in trajs]),
+            groups=None if t0.groups is None else torch.cat([t.groups for t in trajs]))
 
 
 def sde_mask(num_steps: int, spec: str | list[int] = "all_but_last") -> torch.Tensor:

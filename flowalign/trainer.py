@@ -174,6 +174,7 @@ class Trainer:
                                     f"{type(e).__name__}: {e}") from e
             trajs.append(tr)
         traj = Trajectory.cat(trajs)
+        traj.groups = torch.tensor(groups, dtype=torch.long)
         r = {k: torch.cat([x[k] for x in rewards]) for k in rewards[0]}
         return traj, r, torch.tensor(groups, device=self.acc.device)
 
@@ -190,11 +191,15 @@ class Trainer:
     def advantages(self, reward: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
         all_r = self.acc.gather(reward.to(self.acc.device).float())
         all_g = self.acc.gather(groups)
-        adv = self.algo.advantages(all_r, all_g)
+        adv, algo_stats = self.algo.advantages_and_stats(all_r, all_g)
         lo = self.acc.process_index * self.d.samples_per_process
         gstd = torch.stack([all_r[all_g == g].std(unbiased=False) for g in torch.unique(all_g)])
+        # "illusory advantages" (Pref-GRPO): groups whose rewards barely differ (std under a tenth of the batch's)
+        # still get advantages of size 1 after group normalisation
+        tiny = (gstd > 1e-6) & (gstd < 0.1 * all_r.std(unbiased=False))
         stats = {"reward_mean": all_r.mean().item(), "reward_std": all_r.std().item(), "rewards_gathered": len(all_r),
-                 "zero_std_frac": (gstd < 1e-6).float().mean().item()}
+                 "zero_std_frac": (gstd < 1e-6).float().mean().item(), "illusory_frac": tiny.float().mean().item()}
+        stats.update(algo_stats)
         return adv[lo: lo + self.d.samples_per_process], stats
 
     @staticmethod
@@ -430,7 +435,7 @@ class Trainer:
                     rec.update(self.branch_stats(rew["reward"], groups, traj.sde_mask))
                 rec.update(self.train_on(traj, adv, it))
                 for key, v in rew.items():  # components of a combined reward, a judge's 'correct', ...
-                    if key != "reward" and v.is_floating_point():
+                    if key != "reward" and v.is_floating_point() and v.ndim == 1:
                         rec[f"score/{key}"] = float(v.float().mean())
                 tags = [m["tag"] for m in traj.metadata]
                 for tg in sorted(set(tags)):

@@ -90,6 +90,14 @@ def check_batch(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence
         raise RewardError(f"batch mismatch: {images.shape[0]} images but {len(metadata)} metadata records")
 
 
+def _chunks(seq, n):
+    return [seq[i:i + n] for i in range(0, len(seq), n)]
+
+
+def _rows(v: torch.Tensor, n: int) -> torch.Tensor:
+    return v.reshape(-1) if v.numel() == n else v.reshape(n, -1)
+
+
 class Reward:
     """Base class. Subclasses implement ``score(images (B,3,H,W) in [0,1], prompts, metadata) -> dict``."""
 
@@ -127,7 +135,9 @@ class Reward:
             for i in range(0, x.shape[0], self.batch_size):
                 sl = slice(i, i + self.batch_size)
                 outs.append(self.score(x[sl], prompts[sl], metadata[sl] if metadata is not None else None))
-        return {k: torch.cat([o[k].reshape(-1).float().to(x.device) for o in outs]) for k in outs[0]}
+        # per-sample scalars come back as (B,); per-sample vectors (an embedding, for a group-scope finalize) as (B, D)
+        return {k: torch.cat([_rows(o[k], len(p)).float().to(x.device) for o, p in zip(outs, _chunks(prompts, self.batch_size))])
+                for k in outs[0]}
 
     def finalize(self, outputs: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
         """For a group-scope reward: turn the outputs of every sample of an iteration (gathered from all

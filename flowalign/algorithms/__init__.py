@@ -3,9 +3,13 @@ its YAML section (``algorithm: {name: ..., ...}``)."""
 from .awm import AWM
 from .base import Algorithm, Context, Forward, RolloutSpec, Work
 from .grpo import GRPO, clipped_policy_loss, group_advantages
+from .dragon import Dragon
 from .nft import NFT
+from .prdp import PRDP
+from .pref_grpo import PrefGRPO
 
-ALGORITHMS = {cls.name: cls for cls in (GRPO, NFT, AWM)}
+ALGORITHMS = {cls.name: cls for cls in (GRPO, NFT, AWM, PrefGRPO, PRDP, Dragon)}
 
-__all__ = ["ALGORITHMS", "AWM", "Algorithm", "Context", "Forward", "GRPO", "NFT", "RolloutSpec", "Work",
+__all__ = ["ALGORITHMS", "AWM", "Algorithm", "Context", "Dragon", "Forward", "GRPO", "NFT", "PRDP", "PrefGRPO",
+           "RolloutSpec", "Work",
            "clipped_policy_loss", "group_advantages"]

@@ -114,6 +114,11 @@ class Algorithm:
         return group_advantages(rewards, groups, getattr(self.cfg, "global_std", False),
                                 adv_clip=getattr(self.cfg, "adv_clip", None))
 
+    def advantages_and_stats(self, rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """What the trainer calls (on every process's gathered rewards and group ids): the advantages, and any
+        per-iteration figures the algorithm wants logged beside them."""
+        return self.advantages(rewards, groups), {}
+
     def plan(self, traj: Trajectory, adv: torch.Tensor, it: int, gen: torch.Generator) -> Work:
         raise NotImplementedError
 
