@@ -44,7 +44,7 @@ class SampleCfg:
     num_steps: int = 10
     guidance: float = 2.0
     noise_level: float = 0.7
-    kernel: Literal["sde", "cps"] = "sde"
+    kernel: Literal["sde", "cps", "ddim"] = "sde"   # ddim: DDIM with eta = noise_level (DDPM families; DDPO)
     noise_block: int = 1                           # SDE noise only in f x f block-constant latents (1: flow_grpo)
     sde_steps: Union[str, list] = "all_but_last"  # 'all', 'all_but_last', 'first:K' or a list of step indices
     prompts_per_iter: int = 16                     # distinct prompts per iteration (all processes together)
@@ -263,7 +263,7 @@ def validate(cfg: Config) -> Config:
     for key, g in [("sample.guidance", s.guidance)] + [("eval.guidance", g) for g in eg]:
         if not g >= 1:
             raise ConfigError(f"{key}: the CFG scale must be >= 1 (1 = no guidance), got {g}")
-    top = {"sde": 2.0, "cps": 1.0}[s.kernel]
+    top = {"sde": 2.0, "cps": 1.0, "ddim": 1.0}[s.kernel]
     if s.noise_level > top:
         raise ConfigError(f"sample.noise_level: must be in [0, {top:g}] for kernel {s.kernel!r} (flow_grpo uses 0.7), "
                           f"got {s.noise_level}")

@@ -60,6 +60,10 @@ class Trainer:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.model.dtype]
         self.adapter = load_adapter(resolve_model_path(cfg.model.path), cfg.model.family, dtype=dtype,
                                     device=self.acc.device, resolution=cfg.model.resolution)
+        kernels = getattr(self.adapter, "kernels", ("sde", "cps"))  # what the family's step implements
+        if cfg.sample.kernel not in kernels:
+            raise ConfigError(f"sample.kernel: {cfg.sample.kernel!r} is not implemented by the {self.adapter.family} "
+                              f"adapter; use one of {', '.join(kernels)}")
         if cfg.model.resolution:
             try:
                 self.adapter.latent_shape()
@@ -94,9 +98,9 @@ class Trainer:
         self.params = params
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                 weight_decay=cfg.train.weight_decay)
-        # self.model is the (possibly DDP-wrapped) transformer; it is used for the policy forwards of training only
+        # self.model is the (possibly DDP-wrapped) denoiser (transformer or UNet), for the policy forwards of training only
         # (rollout and eval run the plain module: no gradient, no collective calls)
-        self.model, self.opt = self.acc.prepare(self.adapter.transformer, opt)
+        self.model, self.opt = self.acc.prepare(self.adapter.denoiser, opt)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay > 0 else None
         self.fwd = Forward(self.adapter, module=self.model, cfg_grad=cfg.train.cfg_grad)
         self.iteration, self.nan_streak, self.nan_skipped = 0, 0, 0
