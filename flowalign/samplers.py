@@ -11,6 +11,7 @@ Every function takes per-sample sigmas broadcastable to x (a float or a (B,) ten
   At sigma = 1 the (1 - sigma) in s_t is replaced by (1 - sigma_cap) (flow_grpo uses sigma_cap = sigmas[1]).
 - ``cps_step``: coefficients-preserving sampling (std = sigma_next * sin(a pi / 2)).
 - ``ddim_step``: DDIM with eta for epsilon-prediction models (SD1.5/SDXL), with its Gaussian std.
+- ``ddim_flow_step``: the same DDIM transition on flow latents (DDPM models in the flow view; ``alpha_bar_to_sigma``).
 - ``gaussian_log_prob``: log N(x'; mean, std^2), averaged (default, flow_grpo) or summed over non-batch dims.
 - ``gaussian_kl``: the exact KL between two Gaussian steps with the same std, KL = |mu_p - mu_q|^2 / (2 std^2),
   reduced like the log-prob. flow_grpo's "KL" divides by s_t^2 without the |dt| factor, i.e. it equals ours times
@@ -85,12 +86,15 @@ def flow_sde_std(sigma, noise_level: float, sigma_cap: float | None = None) -> t
 
 def step_std(sigmas: torch.Tensor, i: int, noise_level: float, kernel: str = "sde") -> float:
     """The std of step i's Gaussian transition under a kernel: the flow SDE's s_t sqrt(sigma_i - sigma_{i+1})
-    (``flow_sde_step``), or CPS's sigma_{i+1} sin(a pi / 2) (``cps_step``)."""
+    (``flow_sde_step``), CPS's sigma_{i+1} sin(a pi / 2) (``cps_step``), or DDIM's with eta = a on flow sigmas
+    (``ddim_flow_step``)."""
     sig = torch.as_tensor(sigmas).float().cpu()
     if kernel == "cps":
         return float(sig[i + 1] * math.sin(noise_level * math.pi / 2))
+    if kernel == "ddim":
+        return ddim_flow_std(sig[i], sig[i + 1], noise_level)
     if kernel != "sde":
-        raise ValueError(f"unknown kernel {kernel!r}: 'sde' or 'cps'")
+        raise ValueError(f"unknown kernel {kernel!r}: 'sde', 'cps' or 'ddim'")
     return float(flow_sde_std(sig[i], noise_level, float(sig[1])) * (sig[i] - sig[i + 1]).sqrt())
 
 
@@ -167,3 +171,56 @@ def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar, alpha_bar_prev, eta
         next_x = mean + std * (torch.randn_like(x) if noise is None else noise.to(x.dtype))
     lp = gaussian_log_prob(next_x.detach().to(x.dtype), mean, std, reduce)
     return StepOutput(next=next_x, mean=mean, std=std, log_prob=lp)
+
+
+# ------------------------------------------------------------------------------------------------ DDPM in flow view
+# A VP (DDPM) latent x_vp = sqrt(ab) x0 + sqrt(1 - ab) eps, divided by c = sqrt(ab) + sqrt(1 - ab), is the rectified
+# flow latent (1 - s) x0 + s eps at s = sqrt(1 - ab) / c. So epsilon / v-prediction models run in the flow engine:
+# their adapters hand out flow sigmas and flow velocities, and DDIM with eta is a kernel on flow latents.
+
+def alpha_bar_to_sigma(alpha_bar) -> torch.Tensor:
+    """Flow sigma of a DDPM alpha_bar: sqrt(1 - ab) / (sqrt(ab) + sqrt(1 - ab))."""
+    ab = torch.as_tensor(alpha_bar)
+    a, b = ab.sqrt(), (1 - ab).sqrt()
+    return b / (a + b)
+
+
+def sigma_to_alpha_bar(sigma) -> torch.Tensor:
+    """The inverse: ab = (1 - s)^2 / ((1 - s)^2 + s^2)."""
+    s = torch.as_tensor(sigma)
+    return (1 - s) ** 2 / ((1 - s) ** 2 + s ** 2)
+
+
+def ddim_flow_step(x0: torch.Tensor, eps: torch.Tensor, sigma, sigma_next, eta: float,
+                   noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None, reduce: str = "mean",
+                   alpha_bar=None, alpha_bar_next=None) -> StepOutput:
+    """DDIM with eta on flow latents: from the predictions (x0, eps) at sigma, the DDIM transition of ``ddim_step``
+    (VP coordinates at alpha_bar(sigma) -> alpha_bar(sigma_next)) expressed in flow coordinates, i.e. its mean and std
+    divided by sqrt(ab') + sqrt(1 - ab'). ``alpha_bar`` / ``alpha_bar_next`` override the closed form (an adapter
+    passes its scheduler's exact table values). With eta = 0 this is the Euler step of the flow ODE (exact DDIM).
+    The log-prob is the Gaussian density in flow coordinates: the VP density plus a constant per step (ratios and
+    advantages are unchanged). Samples when ``next_x`` is None, then scores the sample it drew."""
+    out_dtype = x0.dtype
+    x0, eps = _hi(x0, eps)
+    ab = _bc(sigma_to_alpha_bar(torch.as_tensor(sigma, dtype=torch.float64)) if alpha_bar is None else alpha_bar, x0)
+    abp = _bc(sigma_to_alpha_bar(torch.as_tensor(sigma_next, dtype=torch.float64)) if alpha_bar_next is None
+              else alpha_bar_next, x0)
+    std_vp = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt((1 - ab / abp).clamp_min(0))
+    mean_vp = torch.sqrt(abp) * x0 + torch.sqrt((1 - abp - std_vp ** 2).clamp_min(0)) * eps
+    c = torch.sqrt(abp) + torch.sqrt(1 - abp)
+    mean, std = mean_vp / c, std_vp / c
+    if eta == 0:
+        return StepOutput(next=mean.to(out_dtype), mean=mean, std=std, log_prob=None)
+    if next_x is None:
+        next_x = mean + std * (torch.randn_like(mean) if noise is None else noise.to(mean.dtype))
+    next_x = next_x.to(mean.dtype)
+    lp = gaussian_log_prob(next_x.detach(), mean, std, reduce)
+    return StepOutput(next=next_x.to(out_dtype), mean=mean, std=std, log_prob=lp)
+
+
+def ddim_flow_std(sigma, sigma_next, eta: float) -> float:
+    """The std of ``ddim_flow_step`` between two flow sigmas (closed-form alpha_bars)."""
+    ab = sigma_to_alpha_bar(torch.as_tensor(float(sigma), dtype=torch.float64))
+    abp = sigma_to_alpha_bar(torch.as_tensor(float(sigma_next), dtype=torch.float64))
+    std_vp = eta * torch.sqrt((1 - abp) / (1 - ab)) * torch.sqrt((1 - ab / abp).clamp_min(0))
+    return float(std_vp / (abp.sqrt() + (1 - abp).sqrt()))
