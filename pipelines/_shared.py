@@ -1,0 +1,179 @@
+"""Pieces the FLUX, SD1.5 and SDXL adapters share by composition (no adapter inherits from another):
+
+- ``PolicyStore``: the named policies of an adapter ("reference", "old", "ema", ...), as the SD3 adapter keeps them:
+  a frozen module copy for full fine-tuning, a copy of the LoRA tensors (swapped in by pointer) for a LoRA run, or
+  nothing for a LoRA run's reference (adapters disabled);
+- ``DDPMView``: the flow view of a DDPM (epsilon / v-prediction) model. A VP latent x_vp = sqrt(ab) x0 + sqrt(1-ab)
+  eps, divided by sqrt(ab) + sqrt(1-ab), is the rectified-flow latent x = (1 - s) x0 + s eps at
+  s = sqrt(1-ab) / (sqrt(ab) + sqrt(1-ab)) (``samplers.alpha_bar_to_sigma``). So an SD1.5 / SDXL adapter hands out
+  flow sigmas and flow velocities, and every flow kernel, the forward-process losses and ReNO's Euler preview run
+  on it unchanged; DDIM (eta = 0) in these coordinates is exactly the Euler step of the flow ODE.
+- LoRA helpers: which target names a module has, a GPU-options helper.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+
+import torch
+
+from flowalign import samplers
+
+
+def present_targets(module: torch.nn.Module, targets) -> list[str]:
+    """The LoRA target names (last path component, or ``to_out.0``) that exist in ``module``."""
+    names = set()
+    for n, _ in module.named_modules():
+        names.add("to_out.0" if n.endswith("to_out.0") else n.split(".")[-1])
+    return [t for t in targets if t in names]
+
+
+class PolicyStore:
+    """Named policies of one trainable module. ``module()`` returns the adapter's current denoiser, ``lora()`` whether
+    a LoRA adapter is attached (both callables: the adapter may swap its module on ``load_trained``)."""
+
+    def __init__(self, module, lora):
+        self._module, self._lora = module, lora
+        self.policies: dict[str, torch.nn.Module | list[torch.Tensor] | None] = {}
+        self.active: str | None = None
+
+    def trainable(self) -> list[torch.Tensor]:
+        return [p for p in self._module().parameters() if p.requires_grad]
+
+    def add(self, name: str) -> None:
+        if name in self.policies:
+            return
+        if name == "reference" and self._lora():
+            self.policies[name] = None
+        elif self._lora():
+            self.policies[name] = [p.detach().clone() for p in self.trainable()]
+        else:
+            self.policies[name] = copy.deepcopy(self._module()).requires_grad_(False).eval()
+
+    def tensors(self, name: str) -> list[torch.Tensor]:
+        pol = self.policies.get(name, "missing")
+        if pol is None or isinstance(pol, str):
+            raise RuntimeError(f"policy {name!r} has no weights of its own (known: {sorted(self.policies)})")
+        return list(pol.parameters()) if isinstance(pol, torch.nn.Module) else pol
+
+    @torch.no_grad()
+    def lerp(self, name: str, weight: float) -> None:
+        live = self.trainable() if self._lora() else list(self._module().parameters())
+        torch._foreach_lerp_(self.tensors(name), [p.detach() for p in live], float(weight))
+
+    def model(self, module: torch.nn.Module | None) -> torch.nn.Module:
+        """The module ``predict`` runs: the active named policy's copy, the plain module (LoRA tensors swapped in, or
+        adapters disabled), or the trainer's wrapped module / the adapter's own."""
+        pol = self.policies.get(self.active) if self.active else None
+        if isinstance(pol, torch.nn.Module):
+            return pol
+        if self.active is not None:
+            return self._module()
+        return module if module is not None else self._module()
+
+    @contextlib.contextmanager
+    def use(self, name: str):
+        if name not in self.policies:
+            raise RuntimeError(f"no policy {name!r}: call adapter.add_policy({name!r}) before training "
+                               f"(known: {sorted(self.policies)})")
+        if self.active is not None:
+            raise RuntimeError(f"policy({name!r}) inside policy({self.active!r})")
+        pol = self.policies[name]
+        swap = isinstance(pol, list)
+        params = self.trainable() if swap else []
+        mod = self._module()
+        if pol is None:
+            mod.disable_adapters()
+        elif swap:
+            for p, s in zip(params, pol):
+                p.data, s.data = s.data, p.data
+        self.active = name
+        try:
+            yield
+        finally:
+            self.active = None
+            if pol is None:
+                mod.enable_adapters()
+            elif swap:
+                for p, s in zip(params, pol):
+                    p.data, s.data = s.data, p.data
+
+    def reference(self):
+        if "reference" not in self.policies:
+            if not self._lora():
+                raise RuntimeError("no reference model: call adapter.add_policy('reference') before training")
+            self.add("reference")
+        return self.use("reference")
+
+
+class DDPMView:
+    """The flow view of a DDPM scheduler's alphas_cumprod (see the module docstring).
+
+    ``sigmas(timesteps)``: flow sigmas of a DDIM schedule (T+1,), the last one that of the scheduler's final
+    alpha_bar. ``lookup(sigma)``: per-sample (model timestep, alpha_bar) for flow sigmas: the exact table entry when
+    sigma is one of the training timesteps' (the schedule's values), otherwise a continuous timestep interpolated on
+    the table and alpha_bar from the closed form; sigmas above the top timestep's are clamped to it (the model never
+    saw less signal)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, final_alpha_cumprod: float):
+        ab = alphas_cumprod.double().cpu()
+        self.ab = ab
+        self.final_ab = float(final_alpha_cumprod)
+        self.table = samplers.alpha_bar_to_sigma(ab).float()          # (N,) increasing in t
+        self.final_sigma = float(samplers.alpha_bar_to_sigma(torch.tensor(self.final_ab, dtype=torch.float64)))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.table[-1])
+
+    def sigmas(self, timesteps) -> torch.Tensor:
+        t = torch.as_tensor(timesteps).long().cpu()
+        return torch.cat([self.table[t], torch.tensor([self.final_sigma], dtype=torch.float32)])
+
+    def lookup(self, sigma, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        s = torch.as_tensor(sigma, dtype=torch.float32).detach().cpu().reshape(-1).expand(batch).contiguous()
+        s = s.clamp(max=float(self.table[-1]))
+        idx = torch.searchsorted(self.table, s).clamp(max=len(self.table) - 1)
+        exact = self.table[idx] == s
+        lo = (idx - 1).clamp(min=0)
+        t_lo, t_hi = self.table[lo].double(), self.table[idx].double()
+        frac = torch.where(t_hi > t_lo, (s.double() - t_lo) / (t_hi - t_lo), torch.zeros_like(t_hi)).clamp(0, 1)
+        t_cont = lo.double() + frac * (idx - lo).double()
+        t = torch.where(exact, idx.double(), t_cont)
+        ab = torch.where(exact, self.ab[idx], samplers.sigma_to_alpha_bar(s.double()))
+        final = s == self.final_sigma  # a sigma_next of the last step: the scheduler's final alpha_bar
+        ab = torch.where(final, torch.full_like(ab, self.final_ab), ab)
+        return t.float().to(device), ab.float().to(device)
+
+
+def vp_scale(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """sqrt(ab) + sqrt(1 - ab): x_vp = x_flow * vp_scale."""
+    return alpha_bar.sqrt() + (1 - alpha_bar).sqrt()
+
+
+def apply_gpu_options(pipe, denoiser, *, attention: str | None = None, vae_slicing: bool = False,
+                      vae_tiling: bool = False) -> list[str]:
+    """Memory / speed options for real GPUs, each guarded (a missing feature is a warning, not a failure).
+    ``attention``: "sdpa" (PyTorch's scaled-dot-product attention; the diffusers default on torch 2) or "xformers"
+    (needs the ``xformers`` package). Untested here (no GPU); returns what was enabled."""
+    on = []
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+
+            denoiser.enable_xformers_memory_efficient_attention()
+            on.append("xformers")
+        except Exception as e:  # not installed, or no CUDA build
+            warnings.warn(f"xformers attention not enabled ({type(e).__name__}: {e}); using SDPA")
+    elif attention not in (None, "sdpa"):
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}")
+    for flag, name in ((vae_slicing, "enable_slicing"), (vae_tiling, "enable_tiling")):
+        if flag:
+            fn = getattr(pipe.vae, name, None)
+            if fn is None:
+                warnings.warn(f"this VAE has no {name}()")
+            else:
+                fn()
+                on.append(name)
+    return on
