@@ -40,6 +40,13 @@ Methods (``METHODS``):
   ``1 / sum w^2`` falls below ``ess_threshold * K`` the particles are resampled (weights reset). The best final
   particle by reward is returned. Gradient-free: any reward (the exact judge, OCR, a detector).
 
+``callback(progress)`` (optional) is told after every unit of work: each best-of-N candidate, each ReNO / CARINOX
+iterate, each CARINOX exploration candidate, each FK resampling step (a ``Progress``: the step's reward and image
+per prompt, the best reward so far, NFE so far). Returning True stops the job cleanly: best-of-N keeps the best
+candidate so far, ReNO the best iterate so far (rendered as usual), CARINOX skips the rest of its exploration and
+iterations, FK stops resampling and finishes its particles' trajectories; ``info["stopped_early"]`` says so. The
+callback changes no number: without a stop the result is the one without a callback.
+
 NFE = transformer forwards per image row, counted by a hook on the denoiser: one CFG evaluation is two forwards
 (conditional and unconditional rows), a backward counts as two forwards, and the forward that gradient
 checkpointing recomputes during the backward counts as one more. VAE decodes and reward models are not counted
@@ -243,6 +250,23 @@ class PeakMemory:
 
 # ================================================================================================ result
 @dataclass
+class Progress:
+    """What ``optimize``'s ``callback`` is told (one row per prompt). ``phase``: "candidate" (best-of-N: ``images``
+    the best full sample so far), "explore" (CARINOX: this candidate's few-step preview), "iterate" (ReNO and
+    CARINOX: this iterate's few-step preview; CARINOX: the best of each prompt's top_k runs), "resample" (FK: the
+    predicted clean image of each prompt's best particle; ``reward`` the particles' mean, as in ``trajectory``).
+    ``step`` counts from 0 within the phase, ``total`` is the phase's length."""
+    method: str
+    phase: str
+    step: int
+    total: int
+    reward: torch.Tensor      # (B,) this step's reward (the value ``trajectory`` records)
+    best: torch.Tensor        # (B,) the best reward seen so far in this phase
+    images: torch.Tensor      # (B, 3, H, W) in [0, 1]
+    nfe: int                  # transformer forwards so far
+
+
+@dataclass
 class NoiseResult:
     """What ``optimize`` returns. ``images`` (B, 3, H, W) in [0, 1]; ``noises`` (B, *latent) the chosen x_T (for FK
     the initial noise of the returned particle's ancestor); ``latents`` the final latents of the returned images;
@@ -353,10 +377,12 @@ class _Ctx:
     """What every method shares: adapter, prompts, metadata, conditioning, seeds, the NFE counter."""
 
     def __init__(self, adapter, prompts, metadata, indices, seed, guidance, num_steps, batch_size, counter,
-                 progress):
+                 progress, callback=None, method=""):
         self.adapter, self.prompts, self.metadata = adapter, prompts, metadata
         self.indices, self.seed, self.guidance, self.num_steps = indices, seed, guidance, num_steps
         self.batch_size, self.counter, self.progress = batch_size, counter, progress
+        self.callback, self.method = callback, method
+        self.stop = {"requested": False}  # shared with sub-contexts (CARINOX's categories)
         self.cfg = guidance > 1.0
         self.cond = adapter.encode(prompts, negative="" if self.cfg else None)
         self.sigmas = adapter.schedule(num_steps)
@@ -376,6 +402,20 @@ class _Ctx:
         c.indices = [self.indices[i] for i in r]
         c.cond = self.cond.index(rows)
         return c
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop["requested"]
+
+    def notify(self, phase: str, step: int, total: int, reward, best, images) -> bool:
+        """Tell the callback (if any) about a finished unit of work; True when it asked to stop (then or before)."""
+        if self.callback is None or self.stopped:
+            return self.stopped
+        p = Progress(self.method, phase, int(step), int(total), reward.detach().float().cpu(),
+                     best.detach().float().cpu(), images.detach(), self.counter.total if self.counter else 0)
+        if self.callback(p):
+            self.stop["requested"] = True
+        return self.stopped
 
     def noise(self, member: int) -> torch.Tensor:
         """(B, *latent) candidate ``member`` of every prompt: member 0 the base noise Generator(seed + index), the
@@ -453,15 +493,18 @@ def _best_of_n(ctx: _Ctx, reward, n: int) -> dict:
                 best["rewards"][k] = torch.where(better.to(v.device), v.detach(), best["rewards"][k])
         best_r = torch.where(better, r, best_r)
         traj.append(best_r.clone())
+        if ctx.notify("candidate", j, n, r, best_r, best["images"]):
+            break
     best["trajectory"] = torch.stack(traj)
-    best["info"] = {"n": n}
+    best["info"] = {"n": n, "stopped_early": ctx.stopped and len(traj) < n}
     return best
 
 
 def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampler_steps, lr, momentum, nesterov,
-               clip, prior, prior_weight, checkpointing, optimizer):
+               clip, prior, prior_weight, checkpointing, optimizer, notify=None):
     """Gradient ascent on the rows of z0 (rows aligned with prompts/cond). Returns the best iterate per row, its
-    preview reward and the trajectory (iterations + 1, rows)."""
+    preview reward and the trajectory (iterations + 1 rows, fewer when ``notify(it, total, reward, best, images)``
+    asks to stop)."""
     sig = preview_sigmas(ctx.sigmas, sampler_steps)
     z = z0.detach().clone().requires_grad_(True)
     if optimizer == "sgd":
@@ -489,6 +532,9 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
         best_z = torch.where(better.to(z.device).view(-1, *([1] * (z.ndim - 1))), z.detach(), best_z)
         best_r = torch.where(better, rc, best_r)
         traj.append(rc)
+        if notify is not None and notify(it, iterations + 1, rc, best_r, img):
+            ctx.counter.drop_graph()  # the iterate's graph is never backpropagated
+            break
         if last:
             break
         mask = finite.to(r.device)
@@ -518,8 +564,12 @@ def _reno_options(o: dict, num_steps: int) -> dict:
 
 def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | None, ro: dict) -> dict:
     z0 = ctx.noise(0) if init is None else init.to(ctx.adapter.device).float()
+
+    def notify(it, total, r, best, img):
+        return ctx.notify("iterate", it, total, r, best, img)
+
     best_z, best_r, traj, gn, lr = _reno_loop(ctx, reward, z0, ctx.prompts, ctx.metadata, ctx.cond, iterations,
-                                              **ro)
+                                              **ro, notify=notify)
     if final == "preview":
         with torch.no_grad():
             lat = ctx.preview(best_z, ctx.cond, preview_sigmas(ctx.sigmas, ro["sampler_steps"]), False)
@@ -530,7 +580,8 @@ def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | N
     return {"noises": best_z, "latents": lat, "images": img, "rewards": {k: v.detach() for k, v in out.items()},
             "trajectory": traj, "info": dict(ro, lr=lr, iterations=iterations, final=final,
                                              best_preview_reward=best_r.tolist(),
-                                             mean_grad_norm_before_clip=gn)}
+                                             mean_grad_norm_before_clip=gn,
+                                             stopped_early=len(traj) < iterations + 1)}
 
 
 def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro: dict) -> dict:
@@ -544,13 +595,26 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
             img = ctx.adapter.decode(ctx.preview(z, ctx.cond, sig, False))
         cand.append(z)
         scores.append(ctx.score(reward, img, ctx.prompts, ctx.metadata)["reward"].detach().float().cpu())
-    scores = torch.nan_to_num(torch.stack(scores, 1), nan=-math.inf)  # (B, n_explore)
+        if ctx.notify("explore", j, n_explore, scores[-1],
+                      torch.nan_to_num(torch.stack(scores, 1), nan=-math.inf).amax(1), img):
+            break
+    explored = len(cand)
+    k = min(k, explored)  # a stop during exploration keeps what was explored
+    scores = torch.nan_to_num(torch.stack(scores, 1), nan=-math.inf)  # (B, explored)
     top = scores.topk(k, dim=1).indices  # (B, k)
     cand = torch.stack(cand, 1)  # (B, n_explore, *latent)
     z0 = cand[torch.arange(B, device=cand.device)[:, None], top.to(cand.device)].flatten(0, 1)  # rows b * k + j
     prompts, metadata, cond = ctx.rep(k)
     # (b) ReNO from each seed
-    best_z, best_r, traj, gn, lr = _reno_loop(ctx, reward, z0, prompts, metadata, cond, iterations, **ro)
+
+    def notify(it, total, r, best, img):  # rows b * k + j -> per prompt: the best of its k runs
+        pick = torch.nan_to_num(r.view(B, k), nan=-math.inf).argmax(1)
+        rows = torch.arange(B) * k + pick
+        return ctx.notify("iterate", it, total, r.view(B, k)[torch.arange(B), pick], best.view(B, k).amax(1),
+                          img[rows.to(img.device)])
+
+    best_z, best_r, traj, gn, lr = _reno_loop(ctx, reward, z0, prompts, metadata, cond, iterations, **ro,
+                                              notify=notify)
     # (c) the k results rendered in full, the best by reward kept
     lat, img = ctx.render(best_z, cond)
     out = ctx.score(reward, img, prompts, metadata)
@@ -563,7 +627,8 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
             "trajectory": traj.view(-1, B, k).amax(2),
             "info": dict(ro, lr=lr, n_explore=n_explore, top_k=k, iterations=iterations,
                          explored_best=scores.amax(1).tolist(), seeds_kept=top.tolist(), picked=pick.tolist(),
-                         mean_grad_norm_before_clip=gn)}
+                         mean_grad_norm_before_clip=gn,
+                         stopped_early=explored < n_explore or traj.shape[0] < iterations + 1)}
 
 
 def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: float, resampling: str,
@@ -589,7 +654,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
             v = torch.cat([ctx.adapter.predict(x[s:s + ctx.batch_size], sig[i],
                                                cond.index(slice(s, s + ctx.batch_size)), ctx.guidance)
                            for s in range(0, x.shape[0], ctx.batch_size)])
-            if i in resample_at:
+            if i in resample_at and not ctx.stopped:
                 x0 = x - sig[i].to(x.device, x.dtype) * v
                 img = torch.cat([ctx.adapter.decode(x0[s:s + ctx.batch_size])
                                  for s in range(0, x0.shape[0], ctx.batch_size)])
@@ -612,6 +677,10 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
                     for key in state:
                         state[key] = state[key][flat]
                     log_w[do] = 0.0
+                if ctx.callback is not None:
+                    rk = r.view(B, K).float()
+                    top = (torch.arange(B) * K + rk.argmax(1)).to(img.device)
+                    ctx.notify("resample", len(traj) - 1, len(resample_at), traj[-1], rk.amax(1), img[top])
             eta = noise_level if i <= sde_until else 0.0
             if eta > 0:
                 noise = torch.stack([torch.randn((K, *shape), generator=g) for g in gens]).flatten(0, 1).to(dev)
@@ -631,7 +700,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
             "info": {"particles": K, "resample_at": list(resample_at), "potential": potential, "lam": lam,
                      "resampling": resampling, "ess_threshold": ess_threshold, "noise_level": noise_level,
                      "sde_until": sde_until, "ess": ess_log, "resampled": resampled,
-                     "final_particle_rewards": r.tolist()}}
+                     "final_particle_rewards": r.tolist(), "stopped_early": len(traj) < len(resample_at) + 1}}
 
 
 # ================================================================================================ budgets
@@ -689,9 +758,10 @@ def default_resample_at(num_steps: int, every: int | None = None, until: float =
 def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", budget: int | None = None,
              seed: int = 0, *, metadata: Sequence[dict] | None = None, guidance: float = 3.0, num_steps: int = 20,
              indices: Sequence[int] | None = None, batch_size: int = 256, progress: bool = False,
-             **options) -> NoiseResult:
+             callback: Callable[[Progress], bool | None] | None = None, **options) -> NoiseResult:
     """Run one inference-time method on a batch of prompts (module docstring). Bad input raises a one-line
-    ``NoiseOptError`` (or ``RewardError`` from the reward spec)."""
+    ``NoiseOptError`` (or ``RewardError`` from the reward spec). ``callback(Progress)`` is told about every
+    iteration; returning True stops the job early (module docstring)."""
     from flowalign.rewards import Reward
 
     method = canonical_method(method)
@@ -716,6 +786,8 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         raise NoiseOptError(f"guidance must be a non-negative number, got {guidance!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise NoiseOptError(f"seed must be an integer, got {seed!r}")
+    if callback is not None and not callable(callback):
+        raise NoiseOptError(f"callback must be callable, got {callback!r}")
     indices = list(range(len(prompts))) if indices is None else [int(i) for i in indices]
     if len(indices) != len(prompts):
         raise NoiseOptError(f"got {len(prompts)} prompts but {len(indices)} indices")
@@ -798,7 +870,7 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         with PeakMemory(adapter.device) as mem:
             t0 = time.perf_counter()
             ctx = _Ctx(adapter, prompts, metadata, indices, int(seed), float(guidance), num_steps, batch_size,
-                       counter, progress)
+                       counter, progress, callback, method)
             if method == "best_of_n":
                 out = _best_of_n(ctx, reward, o["n"])
             elif method == "reno":
