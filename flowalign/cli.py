@@ -135,6 +135,10 @@ def main(argv=None) -> int:
         from flowalign.train import main as train_main
 
         return train_main(argv[1:])
+    if argv[:1] == ["demo"]:  # its own parser (flowalign/app/app.py), imported only when asked for
+        from flowalign.app.app import main as demo_main
+
+        return demo_main(argv[1:])
     ap = argparse.ArgumentParser(prog="flowalign", description="Reward alignment for diffusion/flow models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="fine-tune by reward: flowalign train --config configs/X.yaml")
@@ -178,7 +182,8 @@ def main(argv=None) -> int:
     o.add_argument("--noise-level", type=float, default=None, help="FK: SDE noise level")
     o.add_argument("--batch-size", type=int, default=32, help="prompts per optimisation batch")
     o.add_argument("--out", default="runs/optimize_noise")
-    sub.add_parser("demo", help="Gradio demo (not yet available)")
+    sub.add_parser("demo", help="Gradio demo on 127.0.0.1: compare models, live noise optimisation, runs "
+                                "(flowalign demo --help)")
     sw = sub.add_parser("shapeworld", help="ShapeWorld tools")
     swsub = sw.add_subparsers(dest="sw_cmd", required=True)
     p = swsub.add_parser("prompts", help="write the GenEval-format prompt files")
