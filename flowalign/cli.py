@@ -28,19 +28,9 @@ def run_guarded(fn) -> int:
 
 
 def _eval(a) -> int:
-    from flowalign.eval.benchmark import format_table, run
-    from flowalign.trainer import resolve_model_path
+    from flowalign.eval.cli_eval import run_eval
 
-    res = run(resolve_model_path(a.model), a.benchmark, a.out, a.steps, a.guidance, a.seed, a.n_per_task,
-              lora=a.lora)
-    print(format_table({a.benchmark: res}))
-    if "judges" in res:
-        from flowalign.eval.benchmark import format_judges_table
-
-        print()
-        print(format_judges_table({a.benchmark: res}))
-    print(f"wrote {a.out}/eval.json, {a.out}/samples.png and {a.out}/audit.png (images on which the judges disagree)")
-    return 0
+    return run_eval(a)
 
 
 def _shapeworld(a) -> int:
@@ -142,17 +132,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="flowalign", description="Reward alignment for diffusion/flow models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="fine-tune by reward: flowalign train --config configs/X.yaml")
-    e = sub.add_parser("eval", help="generate and score a benchmark")
-    e.add_argument("--model", default="shapeworld", help="pipeline dir, hub id, or 'shapeworld'")
-    e.add_argument("--benchmark", default="shapeworld-geneval")
-    e.add_argument("--out", default="runs/eval")
-    e.add_argument("--trained", "--lora", dest="lora", default=None,
-                   help="a run's final/ directory to apply on top (LoRA weights or transformer/), or a full "
-                        "fine-tuning checkpoint (runs/X/checkpoints/iter_N)")
-    e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--guidance", type=float, default=2.0)
-    e.add_argument("--seed", type=int, default=1000)
-    e.add_argument("--n-per-task", type=int, default=None)
+    from flowalign.eval.cli_eval import add_eval_args
+
+    add_eval_args(sub.add_parser("eval", help="generate and score benchmarks with one or more models; one report"))
     o = sub.add_parser("optimize-noise", help="inference-time alignment: best-of-N, ReNO, CARINOX, FK steering")
     o.add_argument("--model", default="shapeworld", help="pipeline dir, hub id, or 'shapeworld'")
     o.add_argument("--prompt", default=None, help="one prompt")
