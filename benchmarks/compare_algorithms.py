@@ -21,18 +21,25 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT = ["configs/shapeworld_flow_grpo.yaml", "configs/shapeworld_nft.yaml", "configs/shapeworld_awm.yaml"]
 
 
-def curves(run_dir: Path) -> dict:
-    """(images, minutes, headline, train) per evaluation of a finished run directory."""
+def curves(run_dir: Path, upto: int | None = None) -> dict:
+    """(images, minutes, headline, train) per evaluation of a finished run directory (up to iteration ``upto``: a
+    longer finished run is compared at the same number of images)."""
     cfg = json.loads((run_dir / "config.json").read_text())
     per_iter = cfg["sample"]["prompts_per_iter"] * cfg["sample"]["group_size"]
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    minutes, acc = {0: 0.0}, 0.0
+    minutes, acc, cpu = {0: 0.0}, 0.0, 0.0
     for r in recs:
+        if upto is not None and r["iteration"] > upto:
+            break
         acc += r["iter_s"] / 60
+        cpu = cpu + r["iter_cpu_s"] / 60 if "iter_cpu_s" in r and cpu == cpu else float("nan")
         minutes[r["iteration"]] = acc
-    out = {"images": [], "minutes": [], "headline": [], "train": [], "se": [], "algorithm": cfg["algorithm"]["name"]}
+    out = {"images": [], "minutes": [], "headline": [], "train": [], "se": [], "algorithm": cfg["algorithm"]["name"],
+           "cpu_minutes": cpu}
     for line in (run_dir / "evals.jsonl").read_text().splitlines():
         e = json.loads(line)
+        if upto is not None and e["iteration"] > upto:
+            continue
         t = e["test"]
         out["images"].append(e["iteration"] * per_iter)
         out["minutes"].append(minutes.get(e["iteration"], acc))
@@ -47,14 +54,15 @@ def report(runs: dict[str, dict], out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| run | algorithm | images | train minutes | held-out strict (headline) | Δ vs base | "
-             "training judge (reward) | Δ |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | algorithm | images | train minutes (wall) | CPU minutes | held-out strict (headline) | Δ vs base | "
+             "training judge (reward) | Δ |", "|---|---|---|---|---|---|---|---|---|"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in runs.items():
         for ax, x in zip(axes, ("images", "minutes")):
             line, = ax.plot(c[x], c["headline"], marker="o", label=f"{name} (held-out strict)")
             ax.plot(c[x], c["train"], ls="--", color=line.get_color(), alpha=0.6, label=f"{name} (training judge)")
-        lines.append(f"| {name} | {c['algorithm']} | {c['images'][-1]} | {c['minutes'][-1]:.1f} | "
+        cpu = "–" if c["cpu_minutes"] != c["cpu_minutes"] else f"{c['cpu_minutes']:.1f}"
+        lines.append(f"| {name} | {c['algorithm']} | {c['images'][-1]} | {c['minutes'][-1]:.1f} | {cpu} | "
                      f"{c['headline'][-1]:.3f} ± {c['se'][-1]:.3f} | {c['headline'][-1] - c['headline'][0]:+.3f} | "
                      f"{c['train'][-1]:.3f} | {c['train'][-1] - c['train'][0]:+.3f} |")
     for ax, x in zip(axes, ("images generated", "training minutes")):
@@ -94,7 +102,9 @@ def main(argv=None) -> str:
     for path in a.configs:
         name = Path(path).stem
         run_dir = out / name
-        if not (run_dir / "results.json").is_file():  # finished runs are reused: a killed comparison continues
+        done = (run_dir / "results.json").is_file() and \
+            json.loads((run_dir / "results.json").read_text()).get("iterations", 0) >= a.iterations
+        if not done:  # finished runs (as long or longer) are reused: a killed comparison continues
             if run_dir.exists():  # an unfinished one (no checkpoints are kept) starts again
                 shutil.rmtree(run_dir)
             cfg = load_config(path, [f"train.iterations={a.iterations}", f"eval.every={a.eval_every}",
@@ -102,7 +112,7 @@ def main(argv=None) -> str:
                                      "data.eval_unseen=null", f"run.seed={a.seed}", f"run.output_dir={run_dir}",
                                      "run.checkpoint_every=0", "run.resume=false", *a.overrides])
             Trainer(cfg).run()
-        runs[name] = curves(run_dir)
+        runs[name] = curves(run_dir, a.iterations)
     table = report(runs, out)
     print(table)
     return table

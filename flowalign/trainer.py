@@ -416,7 +416,7 @@ class Trainer:
         bar = tqdm(total=total, initial=self.iteration, desc=self.cfg.algorithm.name, disable=not self.is_main,
                    mininterval=2)
         while self.iteration < total:
-            t0 = time.time()
+            t0, c0 = time.time(), time.process_time()
             it = self.iteration
             traj, rew, groups = self.collect(it)
             t_roll = time.time() - t0
@@ -447,6 +447,7 @@ class Trainer:
             self.algo.end_iteration(self.adapter, it)
             self.iteration += 1
             rec["iter_s"] = time.time() - t0
+            rec["iter_cpu_s"] = time.process_time() - c0  # this process's CPU time: steadier on a shared machine
             log.log(rec)
             bar.update(1)
             if "reward_mean" in rec:

@@ -149,5 +149,5 @@ class Dragon(Algorithm):
         else:
             loss, stats = kto_loss(d, work.extra["label"].to(d), c.beta, w)
         stats["policy_loss"] = loss.item()
-        stats["fm_err"] = float(err.mean())
+        stats["fm_err"] = float(err.detach().mean())
         return loss / c.t_draws, stats
