@@ -182,13 +182,23 @@ class Trainer:
         r = {k: torch.cat([x[k] for x in rewards]) for k in rewards[0]}
         return traj, r, torch.tensor(groups, device=self.acc.device)
 
-    def group_rewards(self, rew: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
+    def group_rewards(self, rew: dict[str, torch.Tensor], groups: torch.Tensor, traj: Trajectory | None = None
+                      ) -> dict[str, torch.Tensor]:
         """Rewards of group scope (pairwise win rates) are finished here, after every process's raw scores of the
         iteration are gathered, keyed by group id: whole groups, and two groups of one prompt stay apart."""
         if not self.reward.group_scope:
             return rew
         all_g = self.acc.gather(groups)
-        full = self.reward.finalize({k: self.acc.gather(v.to(self.acc.device).float()) for k, v in rew.items()}, all_g)
+        batch = {}
+        if getattr(self.reward, "needs_images", False):  # a pairwise judge compares the images themselves
+            from accelerate.utils import gather_object
+
+            many = self.d.world > 1
+            batch = {"images": self.acc.gather(traj.images.to(self.acc.device)).cpu(),
+                     "prompts": gather_object(list(traj.prompts)) if many else list(traj.prompts),
+                     "metadata": gather_object(list(traj.metadata)) if many else list(traj.metadata)}
+        full = self.reward.finalize({k: self.acc.gather(v.to(self.acc.device).float()) for k, v in rew.items()}, all_g,
+                                    **batch)
         lo = self.acc.process_index * self.d.samples_per_process
         return {k: v[lo: lo + self.d.samples_per_process] for k, v in full.items()}
 
@@ -432,7 +442,7 @@ class Trainer:
                                         f"stopping at iteration {it + 1}")
             else:
                 self.nan_streak = 0
-                rew = self.group_rewards(rew, groups)
+                rew = self.group_rewards(rew, groups, traj)
                 adv, st = self.advantages(rew["reward"], groups)
                 rec.update(st)
                 if traj.sde_mask.ndim == 2:

@@ -104,6 +104,7 @@ class Reward:
     name: str = "reward"
     differentiable: bool = False
     group_scope: bool = False   # needs whole prompt groups: finished by ``finalize`` after the trainer's gather
+    needs_images: bool = False  # ``finalize`` needs the gathered images, prompts and metadata (a pairwise judge)
     size: int | None = None  # preferred square input size; None = any
     needs_metadata: bool = False
 
@@ -139,7 +140,7 @@ class Reward:
         return {k: torch.cat([_rows(o[k], len(p)).float().to(x.device) for o, p in zip(outs, _chunks(prompts, self.batch_size))])
                 for k in outs[0]}
 
-    def finalize(self, outputs: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
+    def finalize(self, outputs: dict[str, torch.Tensor], groups: torch.Tensor, **batch) -> dict[str, torch.Tensor]:
         """For a group-scope reward: turn the outputs of every sample of an iteration (gathered from all
         processes) into the final ones, ``groups`` holding each sample's group id. Pointwise rewards: unchanged."""
         return outputs

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .base import REGISTRY, Reward, RewardError, build_reward, known_rewards, register_import_path
+from .base import REGISTRY, Reward, RewardError, build_reward, known_rewards, register, register_import_path
 
 _NO_CHUNK = sys.maxsize  # combinators pass whole batches on; their components chunk for themselves
 
@@ -111,6 +111,7 @@ class WeightedSum(Reward):
         self.stats = {n: RunningStats(momentum) for n in self.rewards} if normalize else {}
         self.differentiable = all(r.differentiable for r in self.rewards.values())
         self.group_scope = any(r.group_scope for r in self.rewards.values())
+        self.needs_images = any(getattr(r, "needs_images", False) for r in self.rewards.values())
         self.needs_metadata = any(r.needs_metadata for r in self.rewards.values())
         sizes = {r.size for r in self.rewards.values() if r.size is not None}
         self.size = sizes.pop() if len(sizes) == 1 else None
@@ -131,7 +132,7 @@ class WeightedSum(Reward):
         out["reward"] = total
         return out
 
-    def finalize(self, outputs, groups):
+    def finalize(self, outputs, groups, **batch):
         """Finish the group-scope components on the gathered batch and recombine the weighted sum."""
         if not self.group_scope:
             return outputs
@@ -139,7 +140,8 @@ class WeightedSum(Reward):
         for n, r in self.rewards.items():
             if r.group_scope:
                 sub = {k[len(n) + 1:]: v for k, v in out.items() if k.startswith(f"{n}/")}
-                done = r.finalize(dict(sub, reward=out[n]), groups)
+                done = r.finalize(dict(sub, reward=out[n]), groups, **(batch if getattr(r, "needs_images", False)
+                                                                       else {}))
                 _merge_outputs(out, n, done)
             v = out[n]
             if self.normalize:
@@ -230,6 +232,75 @@ class Pairwise(Reward):
         return out
 
 
+class PairwiseJudge(Reward):
+    """A model that compares two images of one prompt (a VLM asked "which matches better", a preference model
+    with two image inputs): subclasses implement ``prefer(images_a, images_b, prompts, metadata) -> P(a > b)``
+    in [0, 1]. As a reward it gives each image its win rate within its group over all pairs (``hard``: a win when
+    P > 1/2, a tie 1/2 at P = 1/2; soft: the mean of P). Group scope, and its ``finalize`` needs the images
+    themselves (``needs_images``): the trainer gathers the iteration's images, prompts and metadata from every
+    process, and groups are keyed by group id. Each unordered pair is judged once: P(b > a) = 1 - P(a > b)."""
+
+    group_scope = True
+    needs_images = True
+    differentiable = False
+
+    def __init__(self, hard: bool = True, device="cpu", batch_size: int = _NO_CHUNK):
+        super().__init__(device=device, batch_size=batch_size)
+        self.hard = hard
+
+    def prefer(self, images_a, images_b, prompts, metadata) -> torch.Tensor:
+        raise NotImplementedError
+
+    def group_win_rates(self, images, prompts, metadata, groups: Sequence) -> torch.Tensor:
+        index: dict = {}
+        for i, g in enumerate(groups):
+            index.setdefault(g, []).append(i)
+        ia, ib = [], []
+        for members in index.values():
+            for x in range(len(members)):
+                for y in range(x + 1, len(members)):
+                    ia.append(members[x])
+                    ib.append(members[y])
+        out = torch.full((len(groups),), 0.5)
+        if not ia:
+            return out
+        a, b = torch.tensor(ia), torch.tensor(ib)
+        meta = None if metadata is None else [metadata[i] for i in ia]
+        p = self.prefer(images[a], images[b], [prompts[i] for i in ia], meta).detach().float().cpu().clamp(0, 1)
+        if self.hard:
+            p = (p > 0.5).float() + 0.5 * (p == 0.5).float()
+        wins = torch.zeros(len(groups)).index_add_(0, a, p).index_add_(0, b, 1 - p)
+        size = torch.tensor([len(index[g]) for g in groups], dtype=torch.float32)
+        return torch.where(size > 1, wins / (size - 1).clamp_min(1), out)
+
+    def score(self, images, prompts, metadata):
+        return {"reward": self.group_win_rates(images, list(prompts), metadata, list(prompts))}
+
+    def finalize(self, outputs, groups, images=None, prompts=None, metadata=None):
+        if images is None:
+            raise RewardError(f"{self.name}: a pairwise judge needs the group's images to finish its win rates")
+        return dict(outputs, reward=self.group_win_rates(images, list(prompts), metadata, groups.tolist()).to(
+            outputs["reward"].device))
+
+
+class BradleyTerryJudge(PairwiseJudge):
+    """A pointwise scorer as a pairwise judge: P(a > b) = sigmoid((s_a - s_b) / temperature) (the cheap stand-in
+    for a true pairwise model; Pref-GRPO's ``preference: soft`` does the same on the rewards directly)."""
+
+    def __init__(self, scorer: Reward, temperature: float = 1.0, hard: bool = True):
+        super().__init__(hard=hard, device=scorer.device)
+        if not temperature > 0:
+            raise RewardError(f"bradley_terry: temperature must be > 0, got {temperature!r}")
+        self.scorer, self.temperature = scorer, float(temperature)
+        self.name = f"bt_{scorer.name}"
+        self.needs_metadata, self.size = scorer.needs_metadata, scorer.size
+
+    def prefer(self, images_a, images_b, prompts, metadata):
+        sa = self.scorer(images_a, prompts, metadata)["reward"].float()
+        sb = self.scorer(images_b, prompts, metadata)["reward"].float()
+        return torch.sigmoid((sa - sb) / self.temperature)
+
+
 # ------------------------------------------------------------------------------------------------- config
 
 def check_weight(name: str, w) -> float:
@@ -300,3 +371,13 @@ def _params(name: str) -> list[str]:
 def _takes_kwargs(name: str) -> bool:
     import inspect
     return any(p.kind == p.VAR_KEYWORD for p in inspect.signature(REGISTRY[name]).parameters.values())
+
+
+@register("bradley_terry")
+def _build_bradley_terry(scorer: str = "shapeworld", temperature: float = 1.0, hard: bool = True,
+                         **scorer_options) -> BradleyTerryJudge:
+    """``rewards: {bradley_terry: {scorer: shapeclip, temperature: 0.5}}``: a pointwise reward as a pairwise judge
+    (win rates within each group; for Pref-GRPO use ``algorithm.preference: given``)."""
+    if scorer == "bradley_terry":
+        raise RewardError("bradley_terry: the scorer must be a pointwise reward")
+    return BradleyTerryJudge(build_reward(scorer, **scorer_options), temperature=temperature, hard=hard)

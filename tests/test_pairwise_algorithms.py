@@ -228,3 +228,63 @@ def test_a_group_scope_reward_sees_whole_groups_across_two_processes(tiny_sd3, t
         assert len(recs) == 2 and all(x["n"] == 8 and sorted(x["sizes"].values()) == [4, 4] for x in recs)
     per = json.loads((tmp_path / "run" / "config.json").read_text())
     assert per["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------------------ pairwise judges
+class Cyclic:
+    """Rock-paper-scissors on an image's mean brightness class (0, 1, 2): no pointwise score reproduces it."""
+
+    @staticmethod
+    def cls(x):
+        return (x.mean(dim=(1, 2, 3)) * 3).floor().clamp(0, 2).long()
+
+
+def _cyclic_judge():
+    from flowalign.rewards import PairwiseJudge
+
+    class RPS(PairwiseJudge):
+        name = "rps"
+
+        def prefer(self, a, b, prompts, metadata):
+            ca, cb = Cyclic.cls(a), Cyclic.cls(b)
+            return torch.where(ca == cb, 0.5, torch.where((ca - cb) % 3 == 1, 1.0, 0.0))
+
+    return RPS()
+
+
+def test_a_pairwise_judge_is_used_pairwise_and_finished_on_gathered_groups():
+    judge = _cyclic_judge()
+    imgs = torch.stack([torch.full((3, 4, 4), v) for v in (0.1, 0.5, 0.9)])  # classes 0, 1, 2
+    # 1 beats 0, 2 beats 1, 0 beats 2: every image wins once of two
+    r = judge(imgs, ["p"] * 3)["reward"]
+    assert r.tolist() == pytest.approx([0.5, 0.5, 0.5])
+    # a transitive order from a pointwise scorer would give ranks instead
+    from flowalign.rewards import BradleyTerryJudge
+    from test_trainer import Brightness
+
+    bt = BradleyTerryJudge(Brightness(), temperature=0.1, hard=False)
+    soft = bt(imgs[:2], ["p"] * 2)["reward"]
+    p = 1 / (1 + math.exp(-(0.1 - 0.5) / 0.1))
+    assert soft.tolist() == pytest.approx([p, 1 - p], rel=1e-5)
+    # finalize: the groups are ids over the gathered batch, not prompts (two groups share a prompt)
+    imgs6 = torch.cat([imgs, imgs[[0, 1, 1]]])
+    out = judge.finalize({"reward": torch.zeros(6)}, torch.tensor([0, 0, 0, 1, 1, 1]), images=imgs6,
+                         prompts=["p"] * 6, metadata=None)
+    assert out["reward"].tolist() == pytest.approx([0.5, 0.5, 0.5, 0.0, 0.75, 0.75])
+
+
+def test_the_trainer_hands_a_pairwise_judge_the_whole_groups_images(tiny_sd3, tmp_path):
+    from flowalign.rewards import BradleyTerryJudge
+    from test_trainer import Brightness
+
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", sample={"num_steps": 2, "prompts_per_iter": 3, "group_size": 4,
+                                                              "batch_size": 5},
+                         train={"batch_size": 12, "updates_per_iter": 1}))
+    t.reward = BradleyTerryJudge(Brightness(), temperature=1.0)  # hard wins: the rank by brightness
+    traj, rew, groups = t.collect(0)
+    done = t.group_rewards(rew, groups, traj)["reward"]
+    bright = traj.images.mean(dim=(1, 2, 3))
+    for g in groups.unique():
+        m = (groups == g).cpu()
+        ranks = bright[m].argsort().argsort().float() / 3
+        assert done[m].tolist() == pytest.approx(ranks.tolist())
