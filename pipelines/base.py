@@ -67,7 +67,11 @@ def check_model_path(path) -> str:
     return s
 
 
-FAMILIES = {"sd3": "flowalign.pipelines.sd3:SD3Adapter"}
+FAMILIES = {"sd3": "flowalign.pipelines.sd3:SD3Adapter", "flux": "flowalign.pipelines.flux:FluxAdapter",
+            "sd15": "flowalign.pipelines.sd15:SD15Adapter", "sdxl": "flowalign.pipelines.sdxl:SDXLAdapter"}
+# model_index.json "_class_name" -> family (SD 2.x and SD-Turbo are StableDiffusionPipeline, SDXL-Turbo is SDXL's)
+PIPELINE_CLASSES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux", "StableDiffusionPipeline": "sd15",
+                    "StableDiffusionXLPipeline": "sdxl"}
 
 
 def load_adapter(path, family: str | None = None, **kw):
@@ -79,7 +83,7 @@ def load_adapter(path, family: str | None = None, **kw):
     if family is None:
         idx = Path(path) / "model_index.json"
         cls_name = json.loads(idx.read_text()).get("_class_name", "") if idx.is_file() else ""
-        family = {"StableDiffusion3Pipeline": "sd3"}.get(cls_name)
+        family = PIPELINE_CLASSES.get(cls_name)
         if family is None:
             raise ModelLoadError(f"cannot tell the model family of {path} (pipeline class {cls_name!r}); "
                                  f"known families: {', '.join(FAMILIES)}")

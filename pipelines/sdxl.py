@@ -1,0 +1,330 @@
+"""Adapter for Stable Diffusion XL (``StableDiffusionXLPipeline``; SDXL-Turbo is the same layout): a UNet predicting
+epsilon or v with SDXL's added conditioning (the pooled embedding of the second text encoder and the six "time ids"
+original size, crop corner, target size), two CLIP encoders whose penultimate states are concatenated, CFG by batch
+concatenation; sampled with DDIM.
+
+Everything else is as the SD1.5 adapter (``pipelines/sd15.py``, one adapter per family, no inheritance): the DDPM
+flow view (flow sigmas and velocities, ``kernel="ddim"`` = DDIM with eta = noise_level on flow latents, the
+scheduler's exact alpha_bars, trailing spacing), LoRA on the UNet's attention projections in the diffusers format,
+named policies. The stock SDXL scheduler (Euler) is replaced by DDIM with the checkpoint's betas.
+
+An empty negative prompt is SDXL's default unconditional branch: zeros when the checkpoint sets
+``force_zeros_for_empty_prompt`` (as the stock pipeline does without a negative prompt).
+
+GPU options (``dtype=torch.float16`` -- the VAE is kept in float32 when its config says ``force_upcast``, as the stock
+pipeline upcasts it --, ``attention="xformers"``, VAE slicing / tiling, ``cache_text``,
+``enable_gradient_checkpointing()``) are written and guarded but untested here (CPU only).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from flowalign import samplers
+
+from ._shared import DDPMView, PolicyStore, apply_gpu_options, present_targets, vp_scale
+from .base import Cond, ModelLoadError, check_model_path
+
+# the UNet's attention projections (self- and cross-attention), as the diffusers LoRA training scripts use
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def ddim_scheduler(config):
+    """The DDIM scheduler the adapter samples with: the checkpoint's betas and prediction type, trailing spacing,
+    no clipping or thresholding."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False)
+
+
+class SDXLAdapter:
+    family = "sdxl"
+    supports_cfg = True
+    kernels = ("ddim", "sde", "cps")
+    default_kernel = "ddim"
+
+    def __init__(self, pipe, resolution: int | None = None, cache_text: bool = False):
+        self.pipe = pipe
+        self.resolution = resolution
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
+        self.scheduler = pipe.scheduler
+        self.prediction_type = self.scheduler.config.prediction_type  # "epsilon" or "v_prediction"
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        if self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)  # the stock pipeline decodes such VAEs in float32 too
+        self.view = DDPMView(self.scheduler.alphas_cumprod, float(self.scheduler.final_alpha_cumprod))
+        self.lora_config = None
+        self._pol = PolicyStore(lambda: self.unet, lambda: self.lora_config is not None)
+        self._text_cache: dict | None = {} if cache_text else None
+
+    # ------------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype = torch.float32, device="cpu", attention: str | None = None,
+                        vae_slicing: bool = False, vae_tiling: bool = False, **kw) -> "SDXLAdapter":
+        from diffusers import StableDiffusionXLPipeline
+
+        path = check_model_path(path)
+        try:
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, torch_dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not load a Stable Diffusion XL pipeline from {path}: "
+                                 f"{str(e).splitlines()[0]}") from None
+        ad = cls(pipe.to(device), **kw)
+        apply_gpu_options(pipe, ad.unet, attention=attention, vae_slicing=vae_slicing, vae_tiling=vae_tiling)
+        return ad
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def default_size(self) -> int:
+        return self.resolution or self.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        h, w = height or self.default_size, width or self.default_size
+        f = self.pipe.vae_scale_factor
+        m = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if h % m or w % m:
+            raise ValueError(f"image size {h}x{w} must be a multiple of {m}")
+        return (self.unet.config.in_channels, h // f, w // f)
+
+    # ------------------------------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode(self, prompts: list[str], negative: str | None = "") -> Cond:
+        prompts = list(prompts)
+        if self._text_cache is not None:
+            key = (tuple(prompts), negative)
+            if key in self._text_cache:
+                return self._text_cache[key]
+        cfg = negative is not None
+        # "" is the pipeline's default unconditional branch (zeros with force_zeros_for_empty_prompt)
+        neg = None if not cfg or negative == "" else [negative] * len(prompts)
+        pe, npe, pp, npp = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
+                                                   do_classifier_free_guidance=cfg, negative_prompt=neg)
+        cond = Cond(pe, pp, npe if cfg else None, npp if cfg else None)
+        if self._text_cache is not None:
+            self._text_cache[key] = cond
+        return cond
+
+    def init_noise(self, n: int, generator=None, height=None, width=None) -> torch.Tensor:
+        """x_T: the stock pipeline's draw z (one randn of the batch, or one per generator), the VP latent at the top
+        timestep, in flow coordinates (z / (sqrt(ab_top) + sqrt(1 - ab_top)))."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        z = randn_tensor((n, *self.latent_shape(height, width)), generator=generator, device=self.device,
+                         dtype=torch.float32) * self.scheduler.init_noise_sigma
+        ab_top = self.view.ab[-1].float()
+        return z / vp_scale(ab_top).to(z.device)
+
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        sch = copy.deepcopy(self.scheduler)
+        sch.set_timesteps(num_steps)
+        return self.view.sigmas(sch.timesteps)
+
+    # ------------------------------------------------------------------------------------------ the model
+    def _model(self, module):
+        return self._pol.model(module)
+
+    def predict_native(self, x_vp: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float = 1.0,
+                       module: torch.nn.Module | None = None, cfg_grad: str = "both") -> torch.Tensor:
+        """The UNet's output (epsilon or v) at VP latents and (B,) timesteps, CFG ``u + g (c - u)`` inside."""
+        if cfg_grad not in ("both", "cond"):
+            raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
+        model = self._model(module)
+        dt = next(self.unet.parameters()).dtype
+        x_in = x_vp.to(dt)
+        use_cfg = guidance > 1.0 and cond.neg_embeds is not None
+        if use_cfg and cfg_grad == "cond" and torch.is_grad_enabled():
+            with torch.no_grad():
+                plain = self.unet if self._pol.active is None else model
+                u = self._call(plain, x_in, t, cond, negative=True).float()
+            c = self._call(model, x_in, t, cond, negative=False).float()
+            return u + guidance * (c - u)
+        if use_cfg:
+            u, c = self._call(model, torch.cat([x_in, x_in]), torch.cat([t, t]), cond, negative=None).float().chunk(2)
+            return u + guidance * (c - u)
+        return self._call(model, x_in, t, cond, negative=False).float()
+
+    def time_ids(self, x: torch.Tensor) -> torch.Tensor:
+        """SDXL's added time ids (original size, crop top-left, target size) of an image of x's size, per row."""
+        h, w = x.shape[-2] * self.pipe.vae_scale_factor, x.shape[-1] * self.pipe.vae_scale_factor
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=x.dtype, device=x.device).expand(x.shape[0], 6)
+
+    def _call(self, model, x, t, cond: Cond, negative):
+        """negative True: the unconditional rows; False: the conditional; None: both, unconditional first."""
+        if negative is None:
+            emb, pooled = torch.cat([cond.neg_embeds, cond.embeds]), torch.cat([cond.neg_pooled, cond.pooled])
+        elif negative:
+            emb, pooled = cond.neg_embeds, cond.neg_pooled
+        else:
+            emb, pooled = cond.embeds, cond.pooled
+        added = {"text_embeds": pooled.to(x.dtype), "time_ids": self.time_ids(x)}
+        return model(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
+
+    # conversions of the native output at VP latents (a = sqrt(ab), b = sqrt(1 - ab))
+    def to_eps(self, x_vp, out, alpha_bar) -> torch.Tensor:
+        ab = samplers._bc(alpha_bar, x_vp)
+        if self.prediction_type == "epsilon":
+            return out
+        return ab.sqrt() * out + (1 - ab).sqrt() * x_vp
+
+    def to_x0(self, x_vp, out, alpha_bar) -> torch.Tensor:
+        ab = samplers._bc(alpha_bar, x_vp)
+        if self.prediction_type == "epsilon":
+            return (x_vp - (1 - ab).sqrt() * out) / ab.sqrt()
+        return ab.sqrt() * x_vp - (1 - ab).sqrt() * out
+
+    def to_velocity(self, x_vp, out, alpha_bar) -> torch.Tensor:
+        """The flow velocity eps - x0 of the native output."""
+        return self.to_eps(x_vp, out, alpha_bar) - self.to_x0(x_vp, out, alpha_bar)
+
+    def _predictions(self, x, sigma, cond, guidance, module, cfg_grad):
+        """(x0, eps, alpha_bar) at flow latents x and flow sigma(s)."""
+        x = x.float()
+        t, ab = self.view.lookup(sigma, x.shape[0], x.device)
+        x_vp = x * samplers._bc(vp_scale(ab), x)
+        out = self.predict_native(x_vp, t, cond, guidance, module=module, cfg_grad=cfg_grad)
+        return self.to_x0(x_vp, out, ab), self.to_eps(x_vp, out, ab), ab
+
+    def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0, module: torch.nn.Module | None = None,
+                cfg_grad: str = "both") -> torch.Tensor:
+        """The flow velocity eps - x0 at flow latents x and flow sigma(s) (see the module docstring); ``module`` /
+        ``cfg_grad`` as in the SD3 adapter; inside ``policy(name)`` the named policy runs."""
+        x0, eps, _ = self._predictions(x, sigma, cond, guidance, module, cfg_grad)
+        return eps - x0
+
+    def step(self, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Cond, guidance: float = 1.0,
+             noise_level: float = 0.0, next_x: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             kernel: str = "ddim", noise_block: int = 1, module: torch.nn.Module | None = None,
+             cfg_grad: str = "both") -> samplers.StepOutput:
+        """Step i (sigma_i -> sigma_{i+1}): DDIM with eta = noise_level (``kernel="ddim"``, and every ODE step), or a
+        flow kernel on the flow view ("sde", "cps"). Samples when next_x is None, otherwise scores it."""
+        x0, eps, ab = self._predictions(x, sigmas[i], cond, guidance, module, cfg_grad)
+        if noise_level == 0 or kernel == "ddim":
+            if noise_block != 1:
+                raise ValueError("noise_block > 1 needs kernel 'sde'")
+            _, abp = self.view.lookup(sigmas[i + 1], x.shape[0], x.device)
+            return samplers.ddim_flow_step(x0, eps, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x,
+                                           alpha_bar=ab, alpha_bar_next=abp)
+        v = eps - x0
+        if kernel == "cps":
+            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
+        if kernel != "sde":
+            raise ValueError(f"unknown kernel {kernel!r}: one of {self.kernels}")
+        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
+                                      noise=noise, next_x=next_x, noise_block=noise_block)
+
+    def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
+        """Images in [0, 1] of final flow latents (converted back to VP at the scheduler's final alpha_bar)."""
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+            z = latents.float() * vp_scale(torch.tensor(self.view.final_ab)).item()
+            cfg = self.vae.config
+            mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(z)
+                z = (z * std / cfg.scaling_factor + mean).to(self.vae.dtype)
+            else:
+                z = z.to(self.vae.dtype) / cfg.scaling_factor
+            img = self.vae.decode(z, return_dict=False)[0]
+        return ((img.float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------------------------------------ training
+    def add_lora(self, rank: int = 32, alpha: float = 64, targets=LORA_TARGETS, init: str | bool = "gaussian"):
+        from peft import LoraConfig
+
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                                      target_modules=present_targets(self.unet, targets))
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(self.lora_config)
+        return self.trainable_parameters()
+
+    def full_finetune(self):
+        self.unet.requires_grad_(True)
+        return list(self.unet.parameters())
+
+    def trainable_parameters(self):
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self):
+        self.unet.enable_gradient_checkpointing()
+
+    # named policies (see pipelines/base.py and the SD3 adapter)
+    def add_policy(self, name: str) -> None:
+        self._pol.add(name)
+
+    def policy_tensors(self, name: str) -> list[torch.Tensor]:
+        return self._pol.tensors(name)
+
+    @torch.no_grad()
+    def snapshot_policy(self, name: str) -> None:
+        self._pol.lerp(name, 1.0)
+
+    @torch.no_grad()
+    def lerp_policy(self, name: str, weight: float) -> None:
+        self._pol.lerp(name, weight)
+
+    def policy(self, name: str):
+        return self._pol.use(name)
+
+    def reference(self):
+        return self._pol.reference()
+
+    def freeze_reference(self):
+        self._pol.add("reference")
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet)
+
+    def save_trained(self, directory) -> None:
+        """LoRA weights in the diffusers format (``StableDiffusionXLPipeline.load_lora_weights(directory)``, with the
+        rank / alpha metadata), or the full ``unet/``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is not None:
+            from diffusers import StableDiffusionXLPipeline
+
+            StableDiffusionXLPipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(),
+                                                        unet_lora_adapter_metadata=self.lora_config.to_dict())
+        else:
+            self.unet.save_pretrained(str(directory / "unet"))
+
+    def load_trained(self, directory) -> None:
+        """Apply what ``save_trained`` wrote (LoRA weights or a full ``unet/``), or a full fine-tuning run's
+        checkpoint directory."""
+        from flowalign import checkpoint
+
+        directory = Path(directory)
+        if checkpoint.is_checkpoint(directory):
+            weights = checkpoint.load_weights(directory)
+            if any("lora_" in k for k in weights):
+                raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ directory")
+            res = self.unet.load_state_dict(weights, strict=False)
+            if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
+                raise ModelLoadError(f"{directory}: checkpoint weights do not fit this UNet")
+        elif (directory / "unet").is_dir():
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), torch_dtype=self.unet.dtype)
+            self.unet = self.pipe.unet = unet.to(self.device).eval().requires_grad_(False)
+        elif directory.is_dir() and any(directory.glob("*.safetensors")):
+            self.pipe.load_lora_weights(str(directory))
+        else:
+            raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/unet/ (full fine-tuning) "
+                                 f"or LoRA .safetensors (a run's final/ directory)")
