@@ -115,7 +115,7 @@ def test_registry_lists_the_zoo():
     for n in ("clipscore", "pickscore", "hpsv2", "imagereward", "aesthetic", "geneval", "ocr",
               "jpeg_compressibility", "jpeg_incompressibility", "shapeworld"):
         assert n in names
-    with pytest.raises(RewardError, match="unknown reward 'nope'; known rewards: aesthetic, artifact, clipscore"):
+    with pytest.raises(RewardError, match="unknown reward 'nope'; known rewards: aesthetic, artifact, bradley_terry, clipscore"):
         build_reward("nope")
     with pytest.raises(RewardError, match="has no option"):
         build_reward("jpeg_compressibility", colour="red")
