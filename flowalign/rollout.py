@@ -156,6 +156,29 @@ def replay_step(adapter, traj: Trajectory, i: int, kernel: str = "sde", **kw):
 
 
 @torch.no_grad()
+def complete(adapter, traj: Trajectory, every: int) -> torch.Tensor:
+    """G2RPO's coarser completions: from the latent after each sample's last stochastic step k, the ODE over the
+    stored schedule's remaining sigmas taking every ``every``-th one (sigma_{k+1}, sigma_{k+1+every}, ..., always
+    ending at sigma_T = 0); returns the decoded images. ``every = 1`` repeats the stored ODE tail exactly."""
+    mask = traj.sde_mask if traj.sde_mask.ndim == 2 else traj.sde_mask.expand(len(traj), -1)
+    T = traj.num_steps
+    last = torch.where(mask.any(1), T - 1 - mask.flip(1).float().argmax(1), torch.full((len(traj),), -1))
+    x0 = traj.latents[:, -1].clone()
+    for k in torch.unique(last).tolist():
+        rows = (last == k).nonzero().view(-1)
+        idx = list(range(k + 1, T + 1, every))
+        if idx[-1] != T:
+            idx.append(T)
+        sig = traj.sigmas[idx]
+        x = traj.latents[rows, k + 1]
+        cond = traj.cond.index(rows)
+        for i in range(len(idx) - 1):
+            x = adapter.step(x, sig, i, cond, traj.guidance, 0.0).next
+        x0[rows] = x
+    return adapter.decode(x0)
+
+
+@torch.no_grad()
 def sample_ode(adapter, cond: Cond, num_steps: int, guidance: float, x: torch.Tensor) -> torch.Tensor:
     """Deterministic sampling (evaluation): returns images in [0, 1]."""
     sigmas = adapter.schedule(num_steps)

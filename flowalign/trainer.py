@@ -21,7 +21,7 @@ from flowalign import checkpoint as ckpt
 from flowalign import seeding
 from flowalign.algorithms import ALGORITHMS, Context, Forward
 from flowalign.config import Config, ConfigError, Derived
-from flowalign.rollout import Trajectory, rollout, sde_mask
+from flowalign.rollout import Trajectory, complete, rollout, sde_mask
 
 
 class TrainingError(RuntimeError):
@@ -172,7 +172,10 @@ class Trainer:
                              prompts=prompts, metadata=mb, kernel=s.kernel, noise_block=s.noise_block,
                              noises=None if noises is None else noises[k:k + s.batch_size])
             try:
-                rewards.append(self.reward(tr.images, prompts, mb))
+                out = self.reward(tr.images, prompts, mb)
+                for g in self.spec.completions:  # G2RPO: the same trajectories completed at coarser granularities
+                    out[f"reward@{g}"] = self.reward(complete(self.adapter, tr, g), prompts, mb)["reward"]
+                rewards.append(out)
             except Exception as e:  # a reward's own failure: one line, and (under torchrun) every rank ends
                 raise TrainingError(f"reward failed at iteration {it + 1} on process {self.acc.process_index}: "
                                     f"{type(e).__name__}: {e}") from e
@@ -206,6 +209,7 @@ class Trainer:
         all_r = self.acc.gather(reward.to(self.acc.device).float())
         all_g = self.acc.gather(groups)
         adv, algo_stats = self.algo.advantages_and_stats(all_r, all_g)
+        all_r = all_r[:, 0] if all_r.ndim == 2 else all_r  # the statistics are of the reward itself
         lo = self.acc.process_index * self.d.samples_per_process
         gstd = torch.stack([all_r[all_g == g].std(unbiased=False) for g in torch.unique(all_g)])
         # "illusory advantages" (Pref-GRPO): groups whose rewards barely differ (std under a tenth of the batch's)
@@ -443,7 +447,10 @@ class Trainer:
             else:
                 self.nan_streak = 0
                 rew = self.group_rewards(rew, groups, traj)
-                adv, st = self.advantages(rew["reward"], groups)
+                signal = rew["reward"]
+                if self.spec.completions:  # one column per granularity: the algorithm integrates them
+                    signal = torch.stack([signal] + [rew[f"reward@{g}"] for g in self.spec.completions], 1)
+                adv, st = self.advantages(signal, groups)
                 rec.update(st)
                 if traj.sde_mask.ndim == 2:
                     rec.update(self.branch_stats(rew["reward"], groups, traj.sde_mask))

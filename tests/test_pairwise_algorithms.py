@@ -180,7 +180,7 @@ def test_new_algorithms_train_through_the_trainer(tiny_sd3, tmp_path, algo):
         assert recs[0]["onpolicy_ratio_dev"] < 1e-4
 
 
-@pytest.mark.parametrize("name", ["pref_grpo", "prdp", "dragon", "dragon_exemplar", "hack_shapeclip_pref"])
+@pytest.mark.parametrize("name", ["pref_grpo", "prdp", "dragon", "dragon_exemplar", "hack_shapeclip_pref", "g2rpo"])
 def test_shipped_configs_run_two_iterations(tmp_path, name):
     over = ["train.iterations=2", "sample.prompts_per_iter=2", "sample.group_size=4", "sample.batch_size=8",
             "train.batch_size=8", "train.updates_per_iter=1", "sample.num_steps=4", "eval.num_steps=2",
@@ -288,3 +288,34 @@ def test_the_trainer_hands_a_pairwise_judge_the_whole_groups_images(tiny_sd3, tm
         m = (groups == g).cpu()
         ranks = bright[m].argsort().argsort().float() / 3
         assert done[m].tolist() == pytest.approx(ranks.tolist())
+
+
+# ------------------------------------------------------------------------------------------ G2RPO
+def test_g2rpo_completions_and_multi_granularity_advantages(tiny_sd3, tmp_path):
+    from flowalign.algorithms.grpo import GRPO
+    from flowalign.rollout import complete
+
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", algorithm={"name": "grpo", "granularities": [2]},
+                         sample={"num_steps": 6, "prompts_per_iter": 2, "group_size": 4, "batch_size": 8,
+                                 "branching": True, "shared_noise": True, "sde_steps": "first:2"},
+                         train={"iterations": 2, "lr": 1e-2, "batch_size": 8, "updates_per_iter": 1}))
+    traj, rew, groups = t.collect(0)
+    assert "reward@2" in rew and not torch.allclose(rew["reward@2"], rew["reward"])
+    # every = 1 repeats the stored ODE tail: the stored images come back
+    assert torch.allclose(complete(t.adapter, traj, 1), traj.images, atol=1e-5)
+    # every = 2 by hand for one sample: from x_{k+1} over sigmas k+1, k+3, ..., T
+    k = int(traj.sde_mask[0].nonzero().max())
+    idx = list(range(k + 1, 7, 2)) + ([6] if (6 - k - 1) % 2 else [])
+    sig, x = traj.sigmas[idx], traj.latents[:1, k + 1]
+    for i in range(len(idx) - 1):
+        x = t.adapter.step(x, sig, i, traj.cond.index(torch.tensor([0])), traj.guidance, 0.0).next
+    assert torch.allclose(complete(t.adapter, traj, 2)[0], t.adapter.decode(x)[0], atol=1e-5)
+    # integration: the mean of each granularity's group-normalised advantages
+    r = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.0, 0.0], [1.0, 0.0]])
+    g = torch.tensor([0, 0, 0, 0])
+    adv = GRPO.advantages(t.algo, r, g)
+    want = (group_advantages(r[:, 0], g, adv_clip=None) + group_advantages(r[:, 1], g, adv_clip=None)) / 2
+    assert torch.allclose(adv, want) and adv[1] > 0.9 and adv[2] < -0.9 and adv[0].abs() < 1e-6
+    t.run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("score/reward@2" in x for x in recs)

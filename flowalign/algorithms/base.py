@@ -31,6 +31,8 @@ class RolloutSpec:
     stochastic: bool           # SDE on the sample config's steps, log-probs stored; False: ODE, clean samples only
     policy: str = "current"    # which policy samples: the trained one, or a named policy ("old")
     branch_steps: list | None = None  # with sample.branching: the steps a group may branch at (default: all SDE)
+    completions: tuple = ()    # G2RPO: extra ODE completions of each trajectory from the step after its last
+                               # stochastic one, with every g-th remaining step, each scored as "reward@g"
 
 
 @dataclass

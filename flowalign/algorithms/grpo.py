@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -75,6 +75,7 @@ class GRPOConfig:
     train_steps: str = "sde"           # which stochastic steps are trained: 'sde' (all of them) or 'first:K'
     timestep_fraction: float = 1.0     # random fraction of those, redrawn every iteration (flow_grpo)
     step_weighting: Literal["uniform", "std"] = "uniform"  # 'std': loss of step i x std_i / mean std
+    granularities: list = field(default_factory=list)  # G2RPO: extra completions every g-th step, e.g. [2, 4]
 
     def validate(self, err) -> None:
         if not self.clip_range > 0:
@@ -88,6 +89,10 @@ class GRPOConfig:
         if self.train_steps != "sde" and not (self.train_steps.startswith("first:") and self.train_steps[6:].isdigit()
                                               and int(self.train_steps[6:]) > 0):
             err("algorithm.train_steps", f"use 'sde' or 'first:K' (K >= 1), got {self.train_steps!r}")
+        if not isinstance(self.granularities, list) or not all(isinstance(g, int) and not isinstance(g, bool)
+                                                                 and g >= 1 for g in self.granularities):
+            err("algorithm.granularities", f"a list of integers >= 1 (every g-th remaining step), "
+                                           f"got {self.granularities!r}")
 
 
 class GRPO(Algorithm):
@@ -110,7 +115,17 @@ class GRPO(Algorithm):
         return ("reference",) if self.cfg.beta > 0 else ()
 
     def rollout_spec(self) -> RolloutSpec:
-        return RolloutSpec(stochastic=True, branch_steps=list(self.step_pool))
+        return RolloutSpec(stochastic=True, branch_steps=list(self.step_pool),
+                           completions=tuple(self.cfg.granularities))
+
+    def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        """Group advantages; with G2RPO granularities (rewards (B, 1 + n), one column per completion) the mean of
+        each column's group-normalised advantages (multi-granularity integration), then clipped."""
+        c = self.cfg
+        if rewards.ndim == 1:
+            return group_advantages(rewards, groups, c.global_std, adv_clip=c.adv_clip)
+        cols = [group_advantages(rewards[:, j], groups, c.global_std, adv_clip=None) for j in range(rewards.shape[1])]
+        return torch.stack(cols, 1).mean(1).clamp(-c.adv_clip, c.adv_clip)
 
     def plan(self, traj, adv, it, gen) -> Work:
         c = self.cfg

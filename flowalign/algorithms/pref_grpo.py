@@ -54,6 +54,8 @@ class PrefGRPOConfig(GRPOConfig):
             err("algorithm.tie_eps", f"must be >= 0, got {self.tie_eps}")
         if not self.temperature > 0:
             err("algorithm.temperature", f"must be > 0, got {self.temperature}")
+        if self.granularities:
+            err("algorithm.granularities", "not supported with pref_grpo (win rates of one completion per sample)")
 
 
 class PrefGRPO(GRPO):
