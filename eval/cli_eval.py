@@ -21,6 +21,8 @@ def add_eval_args(e) -> None:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, nargs="+", default=[2.0],
                    help="CFG scale(s); with several each model is headlined at its best (protocol: 1.5 2 3)")
+    e.add_argument("--compbench-guidance", type=float, nargs="+", default=None,
+                   help="the CFG grid of T2I-CompBench-style benchmarks (default: --guidance)")
     e.add_argument("--seed", type=int, default=1000, help="record i starts from the noise of seed + i")
     e.add_argument("--n-per-task", type=int, default=None, help="at most N records per task / category")
     e.add_argument("--images-per-prompt", type=int, default=4, help="T2I-CompBench: images (seeds) per prompt")
@@ -57,6 +59,11 @@ def run_eval(a) -> int:
     suites = [S.parse_benchmark(b, a.n_per_task, a.images_per_prompt, real_geneval=bool(a.geneval_detector),
                                 real_compbench=bool(a.compbench_blip or a.compbench_owl or a.compbench_clip))
               for b in (a.benchmark or ["shapeworld-geneval"])]
+    if a.compbench_guidance and any(g < 1 for g in a.compbench_guidance):
+        raise S.EvalError(f"--compbench-guidance: CFG scales must be >= 1, got {a.compbench_guidance}")
+    for s in suites:
+        if s.kind == "compbench" and a.compbench_guidance:
+            s.guidance = tuple(a.compbench_guidance)
     diversity = None if a.diversity == "none" else a.diversity
     if diversity == "shapeclip" and any(s.scorer != "shapeworld" for s in suites):
         diversity = None  # shapeclip only knows ShapeWorld; give --diversity clip=PATH for real images

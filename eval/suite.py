@@ -200,6 +200,7 @@ class Suite:
     records: list
     scorer: str          # "shapeworld" | "real"
     tasks: tuple
+    guidance: tuple | None = None  # this benchmark's CFG grid (default: the run's)
 
     @property
     def judges(self) -> tuple:
@@ -263,6 +264,11 @@ def parse_benchmark(spec: str, n_per_task: int | None = None, images_per_prompt:
                         f"--geneval-detector OWLV2_DIR_OR_HUB_ID to judge real images")
     tags = tuple(dict.fromkeys(list(GENEVAL_TASKS) + [r["tag"] for r in recs]))
     return Suite(str(spec), "geneval", recs, scorer, tags)
+
+
+def geneval_vocabulary(records) -> list[str]:
+    """Every class a benchmark's records name, in first-seen order: the detector's queries for all its images."""
+    return list(dict.fromkeys(c["class"] for r in records for c in list(r["include"]) + list(r.get("exclude", []))))
 
 
 def _sw_shapes():
@@ -378,6 +384,9 @@ class Runner:
             self._rewards[name] = build_reward(name)
         return self._rewards[name]
 
+    def grid(self, suite: Suite) -> tuple:
+        return tuple(suite.guidance or self.opt.guidance)
+
     def noise_seeds(self, suite: Suite) -> list[int]:
         return [self.opt.seed + i for i in range(len(suite.records))]
 
@@ -454,10 +463,11 @@ class Runner:
                 import torch
 
                 from .geneval import judge
-                if "geneval" not in self._real:
+                key = ("geneval", suite.name)
+                if key not in self._real:  # one fixed vocabulary per benchmark: a verdict never depends on its batch
                     from flowalign.rewards.geneval import GenEvalReward
-                    self._real["geneval"] = GenEvalReward(path=det)
-                rw = self._real["geneval"]
+                    self._real[key] = GenEvalReward(path=det, vocabulary=geneval_vocabulary(recs))
+                rw = self._real[key]
                 x = torch.from_numpy(images[todo]).permute(0, 3, 1, 2).float() / 255
                 dets = rw.detect(x, [recs[k] for k in todo])
                 return [list(judge(recs[k], d)) for k, d in zip(todo, dets)]
@@ -536,19 +546,19 @@ class Runner:
         self.images: dict = {}
         for suite in self.suites:
             S = {"kind": suite.kind, "scorer": suite.scorer, "headline": suite.headline, "n": len(suite.records),
-                 "models": {}}
+                 "guidance": list(self.grid(suite)), "models": {}}
             keys = [(r["prompt"], s) for r, s in zip(suite.records, self.noise_seeds(suite))]
             tags = [r["tag"] for r in suite.records]
             per_model = {}
             for m in self.models:
                 grid = {}
-                for g in self.opt.guidance:
+                for g in self.grid(suite):
                     cache = ImageCache(self.opt.cache, m.key(), self.opt.steps, g)
                     images = self.generate(m, suite, g, cache)
                     names = [cache.path(r["prompt"], s).name for r, s in zip(suite.records, self.noise_seeds(suite))]
                     per = self.score(suite, images, cache, names)
                     grid[g] = {"per_image": per, "images": images, "cache": cache, "names": names}
-                best = max(self.opt.guidance, key=lambda g: summarize_scores(
+                best = max(self.grid(suite), key=lambda g: summarize_scores(
                     tags, [p["scores"][suite.headline] for p in grid[g]["per_image"]], suite.tasks)["overall"])
                 b = grid[best]
                 ex = self.extras(suite, b["images"], b["cache"], b["names"])
@@ -823,8 +833,9 @@ def write_report(runner: Runner, out_dir, command: str | None = None) -> dict:
         S = R["suites"][suite.name]
         slug = _slug(suite.name)
         hl = S["headline"]
-        md += ["", f"## {suite.name} ({S['n']} images per model, {suite.kind}-style, "
-                   f"{'ShapeWorld judges' if suite.scorer == 'shapeworld' else 'real scorers'})", ""]
+        md += ["", f"## {suite.name} ({S['n']} images per model and CFG scale, {suite.kind}-style, "
+                   f"{'ShapeWorld judges' if suite.scorer == 'shapeworld' else 'real scorers'}; CFG grid "
+                   f"{', '.join(f'{g:g}' for g in S['guidance'])})", ""]
         if suite.kind == "compbench" and suite.scorer == "shapeworld":
             md += ["Scores: T2I-CompBench's rules (`eval/compbench.py`): attribute binding = product over noun phrases "
                    "of the detector's yes/no, spatial = 0.25 + 0.25 + 0.5 x position (0 under 0.5), non-spatial = "

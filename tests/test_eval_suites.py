@@ -280,6 +280,7 @@ def test_eval_report_resume_and_deltas(tiny_sd3, trained_dir, tmp_path, monkeypa
               S.parse_model(f"bon={tiny_sd3}@best_of_n:n=2")]
     suites = [S.parse_benchmark("shapeworld-geneval", n_per_task=1),
               S.parse_benchmark("shapeworld-compbench", n_per_task=2, images_per_prompt=2)]
+    suites[1].guidance = (3.0,)  # a benchmark's own CFG grid (--compbench-guidance)
     n_img = len(suites[0].records) + len(suites[1].records)
     saved = []
     real_save = S.ImageCache.save
@@ -318,6 +319,7 @@ def test_eval_report_resume_and_deltas(tiny_sd3, trained_dir, tmp_path, monkeypa
     ex = g["models"][first]["extras"]
     assert set(ex) == {"artifact_rate", "diversity", "reward:jpeg_compressibility"} and 0 <= ex["artifact_rate"]["mean"] <= 1
     cb = R["suites"]["shapeworld-compbench"]["models"][first]
+    assert cb["best_guidance"] == 3.0 and list(cb["grid"]) == ["3"] and g["models"][first]["best_guidance"] == 2.0
     assert cb["extras"]["diversity"]["n_prompts"] == 5  # 5 categories x 1 prompt x 2 images
     out = S.write_report(runner, tmp_path / "report", "flowalign eval ...")
     md = out["report"].read_text()
@@ -347,3 +349,26 @@ def test_cli_eval_bad_inputs_are_one_line(tiny_sd3, tmp_path, capsys):
         assert main(["eval", "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), *args]) == 2, args
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("flowalign: error:") and msg in err[0], (args, err)
+
+
+def test_official_geneval_file_scored_by_owlv2_through_the_runner(tiny_real, tmp_path):
+    from flowalign.eval.geneval import judge
+    from flowalign.rewards.geneval import GenEvalReward
+
+    p = _jsonl(tmp_path / "evaluation_metadata.jsonl", OFFICIAL)
+    su = S.parse_benchmark(str(p), real_geneval=True)
+    runner = S.Runner([S.parse_model("shapeworld")], [su], _opts(tmp_path, geneval_detector=tiny_real["owl"],
+                                                                 rewards=()))
+    imgs = np.random.default_rng(1).integers(0, 255, (len(OFFICIAL), 32, 32, 3), dtype=np.uint8)
+    cache = S.ImageCache(tmp_path / "c", "k", 2, 2.0)
+    names = [f"{i}.png" for i in range(len(OFFICIAL))]
+    per = runner.score(su, imgs, cache, names)
+    rw = GenEvalReward(path=tiny_real["owl"], vocabulary=S.geneval_vocabulary(OFFICIAL))
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2) / 255
+    want = [judge(m, d) for m, d in zip(OFFICIAL, rw.detect(x, OFFICIAL))]
+    # one fixed vocabulary: an image's detections do not depend on the records it is batched with
+    assert rw.detect(x[3:4], OFFICIAL[3:4]) == rw.detect(x, OFFICIAL)[3:4]
+    assert [(p["verdicts"]["real"], p["partial"]) for p in per] == [(bool(c), pytest.approx(q)) for c, q in want]
+    assert len(cache.scores()) == len(OFFICIAL)  # cached: a second call reads them back
+    assert [p["partial"] for p in runner.score(su, imgs, S.ImageCache(tmp_path / "c", "k", 2, 2.0), names)] == \
+           [p["partial"] for p in per]
