@@ -540,7 +540,8 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
         mask = finite.to(r.device)
         loss = -(torch.where(mask, r, torch.zeros_like(r))).sum()
         if prior != "none" and prior_weight > 0:
-            loss = loss + prior_weight * noise_prior(z, prior).sum()
+            # the prior is on the standard normal draw: x_T / std (a DDPM adapter's x_T has std != 1)
+            loss = loss + prior_weight * noise_prior(z / getattr(ctx.adapter, "init_noise_std", 1.0), prior).sum()
         opt.zero_grad(set_to_none=True)
         ctx.counter.backward(loss)
         z.grad[~finite.to(z.device)] = 0.0  # a non-finite reward moves nothing
