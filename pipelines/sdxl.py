@@ -127,8 +127,13 @@ class SDXLAdapter:
 
         z = randn_tensor((n, *self.latent_shape(height, width)), generator=generator, device=self.device,
                          dtype=torch.float32) * self.scheduler.init_noise_sigma
-        ab_top = self.view.ab[-1].float()
-        return z / vp_scale(ab_top).to(z.device)
+        return z * self.init_noise_std
+
+    @property
+    def init_noise_std(self) -> float:
+        """The std of x_T in flow coordinates, 1 / (sqrt(ab_top) + sqrt(1 - ab_top)) (about 0.94 for SD's betas):
+        ReNO's norm prior is on x_T / init_noise_std, the standard normal draw."""
+        return float(1 / vp_scale(self.view.ab[-1]))
 
     def schedule(self, num_steps: int) -> torch.Tensor:
         sch = copy.deepcopy(self.scheduler)

@@ -175,9 +175,8 @@ def test_noise_optimisation_step(tiny_sd15):
     from flowalign.noise import optimize
 
     ad = SD15Adapter.from_pretrained(tiny_sd15)
-    # without ReNO's norm prior (see test_adapter_sdxl.test_one_step_noise_optimisation)
     res = optimize(ad, PROMPTS, Brightness(), "reno", iterations=2, sampler_steps=2, num_steps=2, guidance=2.0,
-                   seed=0, prior="none")
+                   seed=0)
     assert res.trajectory.shape == (3, 2) and torch.isfinite(res.trajectory).all()
     x0 = torch.cat([ad.init_noise(1, torch.Generator().manual_seed(i)) for i in range(2)])
     assert (res.noises - x0).abs().max() > 1e-4                     # the noise moved

@@ -95,11 +95,13 @@ def test_one_step_noise_optimisation(tiny_sdxl):
     from test_adapter_sd15 import Brightness
 
     ad = SDXLAdapter.from_pretrained(tiny_sdxl)
-    # without ReNO's norm prior: a DDPM adapter's x_T is z / (sqrt(ab_T) + sqrt(1 - ab_T)), 6% shorter than the
-    # prior's shell, so the prior's pull outweighs this random model's tiny reward gradient (docs/models.md)
-    res = optimize(ad, PROMPTS, Brightness(), "reno", iterations=2, sampler_steps=1, num_steps=1, guidance=1.0, seed=0,
-                   prior="none")
+    res = optimize(ad, PROMPTS, Brightness(), "reno", iterations=2, sampler_steps=1, num_steps=1, guidance=1.0, seed=0)
     assert torch.isfinite(res.trajectory).all() and (res.trajectory[-1] > res.trajectory[0]).all()
+    # ReNO's norm prior is on x_T / init_noise_std: x_T is z / (sqrt(ab_T) + sqrt(1 - ab_T)) here (~6% shorter than
+    # a standard normal draw), and that quotient is the stock pipeline's standard normal z
+    assert 0.9 < ad.init_noise_std < 0.97
+    x = ad.init_noise(2, torch.Generator().manual_seed(4))
+    assert torch.allclose(x / ad.init_noise_std, vp_draw(4), atol=1e-6)
 
 
 def test_one_ddpo_step_through_the_trainer(tiny_sdxl, tmp_path):
