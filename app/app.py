@@ -156,7 +156,7 @@ def build(demo_state: core.Demo):
                 message = gr.Markdown("", elem_id="message")
                 with gr.Row(equal_height=False):
                     with gr.Column(scale=2, min_width=320):
-                        gallery = gr.Gallery(label="images (same seed: same starting noise)",
+                        gallery = gr.Gallery(label="images (same seed: same starting noise)", show_label=False,
                                              columns=2, height="auto", object_fit="contain", elem_id="gallery",
                                              allow_preview=False, fit_columns=False)
                     with gr.Column(scale=3, min_width=420):
@@ -195,11 +195,12 @@ def build(demo_state: core.Demo):
                             stop = gr.Button("Stop", variant="stop", elem_id="noise_stop")
                     with gr.Column(scale=2):
                         with gr.Row():
-                            n_before = gr.Image(label="base sample", elem_id="noise_before",
-                                                height=220, interactive=False)
+                            n_before = gr.Image(label="base sample", elem_id="noise_before", height=220,
+                                                interactive=False, buttons=["download", "fullscreen"])
                             n_image = gr.Image(label="optimised (live)", elem_id="noise_image", height=220,
-                                               interactive=False)
-                        curve = gr.Image(label="reward curve", elem_id="noise_curve", interactive=False)
+                                               interactive=False, buttons=["download", "fullscreen"])
+                        curve = gr.Image(label="reward curve", elem_id="noise_curve", interactive=False,
+                                         buttons=["download", "fullscreen"])
                 n_status = gr.Markdown("", elem_id="noise_status")
                 n_table = gr.Dataframe(label="scores: base sample vs result", elem_id="noise_scores", wrap=True,
                                        interactive=False)

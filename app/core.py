@@ -181,8 +181,11 @@ class ModelCache:
 
         from flowalign.pipelines.base import load_adapter
 
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        for lg in (dlog, tlog):  # the server's log is for requests and errors, not loading bars
+            lg.disable_progress_bar()
+            lg.set_verbosity_error()
         try:
             adapter = load_adapter(base_path)
         except Exception as e:  # any loading failure is the user's checkpoint, shown in the page
@@ -406,10 +409,12 @@ class Demo:
         return list(self.choices())
 
     def default_models(self) -> list[str]:
-        """The base and the first trained run (main_s0 when there is one)."""
-        labels = self.model_labels()
-        trained = [l for l in labels[1:] if l.startswith("main_s0 ")] or labels[1:2]
-        return labels[:1] + trained
+        """The base and one trained run: main_s0 (the main job) when there is one, else the latest trained."""
+        ch = list(self.choices().values())
+        trained = [c for c in ch[1:] if c.label.startswith("main_s0 ")]
+        if not trained and len(ch) > 1:
+            trained = [max(ch[1:], key=lambda c: Path(c.weights).stat().st_mtime)]
+        return [ch[0].label] + [c.label for c in trained]
 
     def resolve(self, labels, extra_path: str = "") -> list[ModelChoice]:
         ch = self.choices()
@@ -651,7 +656,11 @@ def curve_image(history: list[NoiseEvent], method: str, reference: float | None 
         ax.plot(x, np.maximum.accumulate([ev.best for ev in history]), color="#d62728", lw=1.6, label="best so far")
     if reference is not None and math.isfinite(reference):
         ax.axhline(reference, color="#555", ls="--", lw=1, label="base sample")
-    ax.set_xlabel("callback step (iteration / candidate / resampling)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel({"best_of_n": "candidate", "reno": "iteration", "fk": "resampling step",
+                   "carinox": "exploration candidate, then iteration"}.get(method, "step"))
     ax.set_ylabel("reward")
     ax.set_title(f"{METHOD_LABELS.get(method, method)}: reward per step", fontsize=10)
     ax.grid(alpha=0.3)

@@ -29,7 +29,7 @@ def _base_adapter():
     return load_adapter(resolve_model_path("shapeworld"))
 
 
-def make_runs(root, full: bool = True):
+def make_runs(root, full: bool = True, bad: bool = True):
     """A runs folder: ``lora_run`` (LoRA weights, B matrices perturbed so they change the images), ``full_run``
     (a perturbed full transformer) and ``bad_run`` (a final/ whose .safetensors is garbage), each with the files
     the trainer writes that the runs tab reads."""
@@ -55,12 +55,14 @@ def make_runs(root, full: bool = True):
         d = root / name
         (d / "config.json").write_text(json.dumps({"model": {"path": "shapeworld", "lora": {"enabled": lora}},
                                                    "algorithm": {"name": "nft"}}))
-        (d / "report.md").write_text(f"### {name}\n\n| task | base | trained |\n|---|---|---|\n| overall | 0.5 | 0.6 |\n")
+        (d / "report.md").write_text(f"### {name}\n\n| task | base | trained |\n|---|---|---|\n"
+                                     "| overall | 0.5 | 0.6 |\n")
         Image.new("RGB", (60, 40), (10, 120, 200)).save(d / "reward_curve.png")
         (d / "samples").mkdir()
         Image.new("RGB", (40, 40), (200, 20, 20)).save(d / "samples" / "final.png")
-    (root / "bad_run" / "final").mkdir(parents=True)
-    (root / "bad_run" / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
+    if bad:
+        (root / "bad_run" / "final").mkdir(parents=True)
+        (root / "bad_run" / "final" / "pytorch_lora_weights.safetensors").write_bytes(b"not a safetensors file")
     (root / "plots_only").mkdir()
     Image.new("RGB", (30, 30)).save(root / "plots_only" / "reward_curve.png")
     return root
@@ -84,7 +86,8 @@ def test_scan_finds_lora_and_full_runs_with_their_kind(runs, demo):
     assert found["lora_run (lora)"].base == "shapeworld"
     labels = demo.model_labels()
     assert labels[0] == "base (shapeworld)" and len(labels) == 4
-    assert demo.default_models()[0] == "base (shapeworld)" and len(demo.default_models()) == 2
+    # preselected: the base and the most recently trained run (main_s0 when there is one)
+    assert demo.default_models() == ["base (shapeworld)", "bad_run (lora)"]
     assert core.scan_runs(runs / "does_not_exist") == []
 
 
