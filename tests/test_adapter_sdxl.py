@@ -76,8 +76,9 @@ def test_lora_saved_and_loaded_by_the_stock_pipeline(tiny_sdxl, tmp_path):
     cond = ad.encode(PROMPTS, negative="")
     x = ad.init_noise(2, torch.Generator().manual_seed(1))
     with torch.no_grad():
+        g = torch.Generator().manual_seed(0)  # a fixed perturbation: the test does not depend on test order
         for p in params:
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
     ours = sample_ode(ad, cond, 2, 3.0, x.clone())
     ad.save_trained(tmp_path / "lora")
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
@@ -86,7 +87,9 @@ def test_lora_saved_and_loaded_by_the_stock_pipeline(tiny_sdxl, tmp_path):
     before = stock_image(pipe, vp_draw(1), 2, 3.0)
     assert (before - ours).abs().max() > 1e-3
     pipe.load_lora_weights(str(tmp_path / "lora"))
-    assert (stock_image(pipe, vp_draw(1), 2, 3.0) - ours).abs().max() < 1e-5
+    # 7e-6 measured: float rounding through 1/sqrt(ab_top) ~ 15 in x0 with a strongly perturbed UNet; the LoRA itself
+    # moves the image by > 1e-3 (above)
+    assert (stock_image(pipe, vp_draw(1), 2, 3.0) - ours).abs().max() < 5e-5
 
 
 def test_one_step_noise_optimisation(tiny_sdxl):
