@@ -98,7 +98,7 @@ class Trainer:
         self.params = params
         opt = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.adam_betas),
                                 weight_decay=cfg.train.weight_decay)
-        # self.model is the (possibly DDP-wrapped) denoiser (transformer or UNet), for the policy forwards of training only
+        # self.model is the (possibly DDP-wrapped) denoiser (transformer or UNet), for the training forwards only
         # (rollout and eval run the plain module: no gradient, no collective calls)
         self.model, self.opt = self.acc.prepare(self.adapter.denoiser, opt)
         self.ema = [p.detach().clone() for p in params] if cfg.train.ema_decay > 0 else None

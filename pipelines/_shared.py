@@ -159,9 +159,11 @@ def apply_gpu_options(pipe, denoiser, *, attention: str | None = None, vae_slici
     (needs the ``xformers`` package). Untested here (no GPU); returns what was enabled."""
     on = []
     if attention == "xformers":
-        try:
-            import xformers  # noqa: F401
+        import importlib.util
 
+        try:
+            if importlib.util.find_spec("xformers") is None:
+                raise ImportError("the xformers package is not installed")
             denoiser.enable_xformers_memory_efficient_attention()
             on.append("xformers")
         except Exception as e:  # not installed, or no CUDA build

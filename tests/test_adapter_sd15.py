@@ -1,5 +1,6 @@
 """The SD1.5 adapter (DDPM in the flow view, DDIM) against the stock StableDiffusionPipeline, on tiny random
 replicas saved in the real layout (epsilon and v-prediction)."""
+import contextlib
 import math
 
 import pytest
@@ -210,3 +211,22 @@ def _collect(t):
     traj, rew, groups = t.collect(0)
     adv, _ = t.advantages(rew["reward"], groups)
     return traj, adv, 0
+
+
+def test_gpu_options_are_guarded(tiny_sd15):
+    """Written for GPUs, runnable here: xformers absent warns and keeps SDPA; VAE slicing / tiling switch on;
+    text embeddings are cached per (prompts, negative); the images do not change."""
+    import importlib.util
+
+    plain = SD15Adapter.from_pretrained(tiny_sd15)
+    with pytest.warns(UserWarning, match="xformers") if importlib.util.find_spec("xformers") is None else \
+            contextlib.nullcontext():
+        ad = SD15Adapter.from_pretrained(tiny_sd15, attention="xformers", vae_slicing=True, vae_tiling=True,
+                                         cache_text=True)
+    assert ad.vae.use_slicing and ad.vae.use_tiling
+    assert ad.encode(PROMPTS) is ad.encode(PROMPTS) and ad.encode(PROMPTS) is not ad.encode(PROMPTS, negative=None)
+    x = plain.init_noise(2, torch.Generator().manual_seed(0))
+    assert torch.allclose(sample_ode(ad, ad.encode(PROMPTS), 2, 2.0, x.clone()),
+                          sample_ode(plain, plain.encode(PROMPTS), 2, 2.0, x.clone()), atol=1e-6)
+    with pytest.raises(ValueError, match="attention must be"):
+        SD15Adapter.from_pretrained(tiny_sd15, attention="flash")

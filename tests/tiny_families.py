@@ -91,7 +91,8 @@ def build_tiny_sdxl(directory, seed: int = 0, prediction_type: str = "epsilon"):
                                 projection_class_embeddings_input_dim=6 * 8 + 16, norm_num_groups=8)
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(scaling_factor=1.5), text_encoder=te1, text_encoder_2=te2,
                                      tokenizer=tok, tokenizer_2=tok, unet=unet,
-                                     scheduler=ddpm_scheduler_config(prediction_type), force_zeros_for_empty_prompt=True)
+                                     scheduler=ddpm_scheduler_config(prediction_type),
+                                     force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(str(directory))
     return str(directory)
 
