@@ -70,10 +70,8 @@ def build(demo_state: core.Demo):
         return gr.update(value=prompt) if prompt else gr.update()
 
     def on_rescan(selected):
-        labs = demo_state.model_labels()
-        keep = [s for s in (selected or []) if s in labs] or demo_state.default_models()
-        return gr.update(choices=labs, value=keep), gr.update(choices=labs), \
-            gr.update(choices=core.list_runs(demo_state.runs_dir)), f"found {len(labs) - 1} trained run(s)"
+        labs, keep, runs, msg = demo_state.rescan(selected)
+        return gr.update(choices=labs, value=keep), gr.update(choices=labs), gr.update(choices=runs), msg
 
     def on_compare(prompt, seed, models, extra, steps, guidance):
         res, err = guard(demo_state.compare, prompt, seed, models, extra, steps, guidance)

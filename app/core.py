@@ -416,6 +416,15 @@ class Demo:
             trained = [max(ch[1:], key=lambda c: Path(c.weights).stat().st_mtime)]
         return [ch[0].label] + [c.label for c in trained]
 
+    def rescan(self, selected=None) -> tuple[list[str], list[str], list[str], str]:
+        """After runs finished: (model labels, the selection kept -- topped up with the defaults when fewer than two
+        remain --, run names for the runs tab, a message)."""
+        labels = self.model_labels()
+        keep = [s for s in (selected or []) if s in labels]
+        if len(keep) < 2:
+            keep += [d for d in self.default_models() if d not in keep]
+        return labels, keep, list_runs(self.runs_dir), f"found {len(labels) - 1} trained run(s) in {self.runs_dir}"
+
     def resolve(self, labels, extra_path: str = "") -> list[ModelChoice]:
         ch = self.choices()
         out = []

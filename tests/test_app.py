@@ -91,6 +91,18 @@ def test_scan_finds_lora_and_full_runs_with_their_kind(runs, demo):
     assert core.scan_runs(runs / "does_not_exist") == []
 
 
+def test_rescan_finds_a_run_that_finished_after_start_up(tmp_path, runs):
+    import shutil
+
+    d = core.Demo(tmp_path)
+    assert d.model_labels() == ["base (shapeworld)"] and d.default_models() == ["base (shapeworld)"]
+    shutil.copytree(runs / "lora_run", tmp_path / "lora_run")
+    labels, keep, run_names, msg = d.rescan(["base (shapeworld)"])
+    assert labels == keep == ["base (shapeworld)", "lora_run (lora)"] and run_names == ["lora_run"]
+    assert msg.startswith("found 1 trained run")
+    assert d.rescan(["lora_run (lora)", "gone (full)"])[1] == ["lora_run (lora)", "base (shapeworld)"]
+
+
 def test_paths_typed_by_the_user_resolve_or_give_a_message(runs):
     assert core.choice_from_path(str(runs / "lora_run")).weights == str(runs / "lora_run" / "final")
     assert core.choice_from_path(str(runs / "full_run" / "final")).kind == "full"

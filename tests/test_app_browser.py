@@ -1,7 +1,8 @@
 """End to end: ``flowalign demo`` starts in a subprocess on a free port of 127.0.0.1, headless Chromium (Debian's
-``/usr/bin/chromium`` driven by Playwright; no browser download) opens it, generates on the compare tab (the base and
-a LoRA run found in a runs folder), checks that both images and the score table appear, that an empty prompt gives a
-message in the page, and that a noise-optimisation job streams to its end; screenshots are saved as test artefacts
+``/usr/bin/chromium`` driven by Playwright; no browser download) opens it, finds a LoRA run written after start-up
+("Rescan runs"), generates on the compare tab (the base and that run), checks that both images and the score table
+appear, that an empty prompt gives a message in the page, that a noise-optimisation job streams to its end and that
+Stop ends a long one; screenshots are saved as test artefacts
 (``$FLOWALIGN_TEST_ARTIFACTS`` or ``test-artifacts/`` at the repository root)."""
 import os
 import socket
@@ -41,13 +42,14 @@ def server(tmp_path_factory):
     pytest.importorskip("gradio", reason="pip install -e '.[demo]' (gradio)")
     from test_app import make_runs
 
-    runs = make_runs(tmp_path_factory.mktemp("browser_runs"), full=False, bad=False)
+    runs = tmp_path_factory.mktemp("browser_runs")  # empty at start: the LoRA run "finishes" after start-up
     port = _free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     log = open(tmp_path_factory.mktemp("server") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "flowalign.cli", "demo", "--port", str(port), "--runs", str(runs),
                              "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     url = f"http://127.0.0.1:{port}/"
+    staged = make_runs(tmp_path_factory.mktemp("staged_runs"), full=False, bad=False)  # while the app starts
     deadline = time.time() + 90
     while True:
         try:
@@ -59,6 +61,7 @@ def server(tmp_path_factory):
                 log.seek(0)
                 pytest.fail(f"the demo did not start on {url}:\n{log.read()[-3000:]}")
             time.sleep(0.3)
+    (staged / "lora_run").rename(runs / "lora_run")  # the app answers, so it scanned an empty folder
     yield url
     proc.terminate()
     try:
@@ -83,8 +86,10 @@ def page(server):
 
 
 def test_compare_tab_shows_both_images_and_their_scores(page):
-    models = page.inner_text("#models")
-    assert "base (shapeworld)" in models and "lora_run (lora)" in models  # the run was found and preselected
+    assert "lora_run" not in page.inner_text("#models")
+    page.click("#rescan")  # the run written after start-up is found and preselected beside the base
+    page.wait_for_function("document.querySelector('#models').innerText.includes('lora_run (lora)')")
+    assert "base (shapeworld)" in page.inner_text("#models")
     page.locator("#prompt textarea").fill("a photo of a red circle")
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('#gallery img').length >= 2")
@@ -119,3 +124,15 @@ def test_noise_tab_streams_a_job_to_its_end(page):
     page.wait_for_function("document.querySelector('#noise_scores').innerText.includes('after best-of-N')")
     assert page.locator("#noise_image img").count() == 1 and page.locator("#noise_curve img").count() == 1
     page.screenshot(path=str(_artifacts() / "demo_noise_test.png"), full_page=True)
+
+
+def test_stop_button_ends_a_long_job_with_its_best_so_far(page):
+    page.get_by_role("radio", name="ReNO").check()
+    page.locator("#noise_budget input").fill("100000")  # thousands of iterations: only Stop ends it in time
+    page.click("#noise_run")
+    page.wait_for_function("document.querySelector('#noise_status').innerText.includes('iterate')")
+    page.click("#noise_stop")
+    page.wait_for_function("document.querySelector('#noise_status').innerText.includes('stopped early')",
+                           timeout=30_000)
+    assert "of a budget of 100000" in page.inner_text("#noise_status")
+    page.screenshot(path=str(_artifacts() / "demo_noise_stopped_test.png"), full_page=True)
