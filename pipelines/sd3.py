@@ -23,6 +23,7 @@ class SD3Adapter:
     family = "sd3"
     prediction_type = "flow"
     supports_cfg = True
+    kernels = ("sde", "cps")  # the stochastic steps ``step`` implements (the trainer refuses others)
 
     def __init__(self, pipe, max_sequence_length: int | None = None, resolution: int | None = None):
         self.pipe = pipe
@@ -149,6 +150,8 @@ class SD3Adapter:
             return samplers.ode_step(x, v, sigmas[i], sigmas[i + 1])
         if kernel == "cps":
             return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
+        if kernel != "sde":
+            raise ValueError(f"unknown kernel {kernel!r} for SD3: one of {', '.join(self.kernels)}")
         return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
                                       noise=noise, next_x=next_x, noise_block=noise_block)
 

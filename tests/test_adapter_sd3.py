@@ -215,3 +215,14 @@ def test_load_trained_reads_a_full_finetune_checkpoint_and_refuses_a_lora_one(ti
     assert torch.allclose(sample_ode(fresh, cond, 3, 2.0, xT.clone()), want, atol=1e-5)
     with pytest.raises(ModelLoadError, match="LoRA training checkpoint"):
         SD3Adapter.from_pretrained(tiny_sd3).load_trained(tmp_path / "lora")
+
+
+def test_sd3_refuses_a_kernel_it_does_not_implement(tiny_adapter):
+    """DDIM is a DDPM families' kernel: the SD3 adapter says so instead of silently running the flow SDE."""
+    ad = tiny_adapter
+    cond = ad.encode(["a red circle"], negative=None)
+    sig = ad.schedule(2)
+    x = ad.init_noise(1, torch.Generator().manual_seed(0))
+    assert ad.kernels == ("sde", "cps")
+    with pytest.raises(ValueError, match="unknown kernel 'ddim' for SD3"):
+        ad.step(x, sig, 0, cond, 1.0, 0.5, kernel="ddim")
