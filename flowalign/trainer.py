@@ -205,10 +205,16 @@ class Trainer:
         lo = self.acc.process_index * self.d.samples_per_process
         return {k: v[lo: lo + self.d.samples_per_process] for k, v in full.items()}
 
-    def advantages(self, reward: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def advantages(self, reward: torch.Tensor, groups: torch.Tensor, prompts: list[str] | None = None
+                   ) -> tuple[torch.Tensor, dict]:
         all_r = self.acc.gather(reward.to(self.acc.device).float())
         all_g = self.acc.gather(groups)
-        adv, algo_stats = self.algo.advantages_and_stats(all_r, all_g)
+        keys = None
+        if prompts is not None:
+            from accelerate.utils import gather_object
+
+            keys = gather_object(list(prompts)) if self.d.world > 1 else list(prompts)
+        adv, algo_stats = self.algo.advantages_and_stats(all_r, all_g, keys=keys)
         all_r = all_r[:, 0] if all_r.ndim == 2 else all_r  # the statistics are of the reward itself
         lo = self.acc.process_index * self.d.samples_per_process
         gstd = torch.stack([all_r[all_g == g].std(unbiased=False) for g in torch.unique(all_g)])
@@ -450,7 +456,7 @@ class Trainer:
                 signal = rew["reward"]
                 if self.spec.completions:  # one column per granularity: the algorithm integrates them
                     signal = torch.stack([signal] + [rew[f"reward@{g}"] for g in self.spec.completions], 1)
-                adv, st = self.advantages(signal, groups)
+                adv, st = self.advantages(signal, groups, traj.prompts)
                 rec.update(st)
                 if traj.sde_mask.ndim == 2:
                     rec.update(self.branch_stats(rew["reward"], groups, traj.sde_mask))

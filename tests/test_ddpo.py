@@ -1,6 +1,8 @@
 """DDPO's loss and per-prompt statistics on hand-made numbers."""
 import math
 
+import pytest
+
 import torch
 
 from flowalign.algorithms import ALGORITHMS
@@ -63,3 +65,25 @@ def test_per_prompt_buffer_across_calls():
     adv = tr.update(["p"], torch.tensor([4.0]))          # maxlen 3: buffer [2, 4, 4]
     m, s = 10 / 3, torch.tensor([2.0, 4.0, 4.0]).std(unbiased=False).item()
     assert abs(adv.item() - (4 - m) / (s + 1e-6)) < 1e-5
+
+
+def test_the_trainer_hands_ddpo_prompt_keys_for_its_buffer(tiny_sd3, tmp_path):
+    """With buffer_size > 0 the statistics are per prompt text across iterations: the second iteration's advantages
+    of a prompt seen before are normalised by the history, not by the group alone."""
+    import json
+
+    from flowalign.trainer import Trainer
+    from test_trainer import tiny_cfg
+
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", algorithm={"name": "ddpo", "buffer_size": 16},
+                         train={"iterations": 2, "lr": 1e-2, "batch_size": 8, "updates_per_iter": 1}))
+    t.train_meta, t.by_task = t.train_meta[:1], {"only": [0]}  # one prompt: every group has the same text
+    r1, g = torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([0, 0, 1, 1])
+    a1, st = t.algo.advantages_and_stats(r1, g, keys=["p"] * 4)
+    assert st["tracked_prompts"] == 1 and a1.tolist() == pytest.approx([-1.0, 1.0, -1.0, 1.0], rel=1e-5)
+    a2, _ = t.algo.advantages_and_stats(torch.tensor([1.0, 1.0, 1.0, 1.0]), g, keys=["p"] * 4)
+    # history [0, 1, 0, 1, 1, 1, 1, 1]: mean 0.75, population std sqrt(3)/4
+    assert a2.tolist() == pytest.approx([0.25 / (math.sqrt(3) / 4 + 1e-6)] * 4, rel=1e-5)
+    t.run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tracked_prompts"] for r in recs] == [1.0, 1.0]

@@ -116,9 +116,10 @@ class Algorithm:
         return group_advantages(rewards, groups, getattr(self.cfg, "global_std", False),
                                 adv_clip=getattr(self.cfg, "adv_clip", None))
 
-    def advantages_and_stats(self, rewards: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """What the trainer calls (on every process's gathered rewards and group ids): the advantages, and any
-        per-iteration figures the algorithm wants logged beside them."""
+    def advantages_and_stats(self, rewards: torch.Tensor, groups: torch.Tensor, keys: list | None = None
+                             ) -> tuple[torch.Tensor, dict]:
+        """What the trainer calls (on every process's gathered rewards, group ids and prompt texts ``keys``): the
+        advantages, and any per-iteration figures the algorithm wants logged beside them."""
         return self.advantages(rewards, groups), {}
 
     def plan(self, traj: Trajectory, adv: torch.Tensor, it: int, gen: torch.Generator) -> Work:

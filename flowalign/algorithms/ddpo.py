@@ -8,12 +8,10 @@
   L = mean(max(-A r, -A clip(r, 1 - eps, 1 + eps))), r = exp(log p_theta - log p_old) (``clipped_policy_loss``),
   on all stochastic steps or a random fraction of them (``timestep_fraction``, redrawn every iteration); no KL.
 
-Per-prompt statistics in the trainer: the protocol hands ``advantages`` the gathered rewards and the iteration's
-group ids (one group = one prompt, kept whole across processes), so the tracker keys on the group and its history is
-this iteration's. ddpo-pytorch also keeps a buffer of each prompt's past rewards (``buffer_size``) across epochs;
-``PerPromptStatTracker`` implements that buffer for callers that key by prompt text, but the trainer cannot use it
-until the protocol passes prompt keys to ``advantages`` (with ShapeWorld's few distinct prompts the group already
-holds ``group_size`` of the prompt's rewards).
+Per-prompt statistics in the trainer: the protocol hands ``advantages_and_stats`` the gathered rewards, the
+iteration's group ids (one group = one prompt, kept whole across processes) and each sample's prompt text. By
+default the tracker keys on the group (this iteration's rewards); with ``buffer_size > 0`` it keys on the prompt
+text and keeps each prompt's last ``buffer_size`` rewards across iterations, as ddpo-pytorch.
 """
 from __future__ import annotations
 
@@ -76,6 +74,7 @@ class DDPOConfig:
     clip_range: float = 1e-4            # PPO clip on the per-step likelihood ratio (ddpo-pytorch)
     adv_clip: float = 5.0
     min_count: int = 2                  # rewards a prompt needs for its own statistics; fewer: the batch's
+    buffer_size: int = 0                # > 0: each prompt's statistics over its last N rewards, across iterations
     timestep_fraction: float = 1.0      # random fraction of the stochastic steps trained each iteration
 
     def validate(self, err) -> None:
@@ -85,6 +84,8 @@ class DDPOConfig:
             err("algorithm.adv_clip", f"must be > 0, got {self.adv_clip}")
         if self.min_count < 1:
             err("algorithm.min_count", f"must be >= 1, got {self.min_count}")
+        if self.buffer_size < 0:
+            err("algorithm.buffer_size", f"must be >= 0, got {self.buffer_size}")
         if not 0 < self.timestep_fraction <= 1:
             err("algorithm.timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
 
@@ -101,7 +102,7 @@ class DDPO(Algorithm):
             from flowalign.config import ConfigError
 
             raise ConfigError(f"sample.sde_steps: {ctx.sample.sde_steps!r} leaves no stochastic step; DDPO needs one")
-        self.tracker = PerPromptStatTracker(buffer_size=0, min_count=cfg.min_count)
+        self.tracker = PerPromptStatTracker(buffer_size=cfg.buffer_size, min_count=cfg.min_count)
 
     def rollout_spec(self) -> RolloutSpec:
         return RolloutSpec(stochastic=True, branch_steps=list(self.step_pool))
@@ -109,6 +110,14 @@ class DDPO(Algorithm):
     def advantages(self, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
         # unclipped here: the loss clips (ddpo-pytorch); a group is one prompt's samples of this iteration
         return self.tracker.update(groups.tolist(), rewards).to(rewards.device)
+
+    def advantages_and_stats(self, rewards, groups, keys=None):
+        """With ``buffer_size > 0`` the statistics are per prompt text (``keys``, gathered by the trainer) over the
+        prompt's last ``buffer_size`` rewards across iterations, as ddpo-pytorch; otherwise per group."""
+        if self.cfg.buffer_size > 0 and keys is not None:
+            return self.tracker.update(list(keys), rewards).to(rewards.device), {
+                "tracked_prompts": float(len(self.tracker.buffers))}
+        return self.advantages(rewards, groups), {}
 
     def plan(self, traj, adv, it, gen) -> Work:
         rng = seeding.rng(self.ctx.seed, "ddpo/steps", it)

@@ -72,7 +72,7 @@ class PrefGRPO(GRPO):
         return group_advantages(self.win_rates(rewards, groups), groups, self.cfg.global_std,
                                 adv_clip=self.cfg.adv_clip)
 
-    def advantages_and_stats(self, rewards, groups):
+    def advantages_and_stats(self, rewards, groups, keys=None):
         w = self.win_rates(rewards, groups)
         adv = group_advantages(w, groups, self.cfg.global_std, adv_clip=self.cfg.adv_clip)
         raw = [float(rewards[groups == g].float().std(unbiased=False)) for g in torch.unique(groups)]
