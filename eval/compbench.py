@@ -142,7 +142,7 @@ def parse_shapeworld_phrase(phrase: str) -> dict:
     words = phrase.lower().split()
     singular = {PLURAL[s]: s for s in SHAPES}
     if not words:
-        raise MetadataError(f"empty phrase in a ShapeWorld prompt")
+        raise MetadataError("empty phrase in a ShapeWorld prompt")
     count = 1
     if words[0] in ("a", "an"):
         words = words[1:]
@@ -236,7 +236,8 @@ def shapeworld_spatial(parsed: dict, dets: Sequence, strict: bool = False) -> tu
     return spatial_score(parsed["relation"], wrap(s), wrap(r))
 
 
-def shapeworld_scores(category: str, prompt: str, dets: Sequence, strict: bool, cosine: float) -> tuple[float, bool | None]:
+def shapeworld_scores(category: str, prompt: str, dets: Sequence, strict: bool,
+                      cosine: float) -> tuple[float, bool | None]:
     """(score, verdict) of one ShapeWorld image under one detector's detections."""
     parsed = parse_shapeworld_prompt(prompt)
     if category in BINDING:

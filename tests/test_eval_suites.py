@@ -57,7 +57,8 @@ def test_compbench_layout_loads_and_parses(tmp_path):
     (d / "notes.md").write_text("ignored")
     recs = C.load_compbench(d, images_per_prompt=2)
     assert [(r["tag"], r["prompt"], r["copy"]) for r in recs] == [
-        ("color", "a photo of a red circle and a blue square", 0), ("color", "a photo of a red circle and a blue square", 1),
+        ("color", "a photo of a red circle and a blue square", 0),
+        ("color", "a photo of a red circle and a blue square", 1),
         ("spatial", "a photo of a circle left of a square", 0), ("spatial", "a photo of a circle left of a square", 1),
         ("spatial", "a photo of a cross above a circle", 0), ("spatial", "a photo of a cross above a circle", 1)]
     assert len(C.load_compbench(d / "spatial_val.txt", 3)) == 6 and len(C.load_compbench(d, 2, n_per_task=3)) == 5
@@ -317,7 +318,8 @@ def test_eval_report_resume_and_deltas(tiny_sd3, trained_dir, tmp_path, monkeypa
     assert g["models"][first]["judges"]["heldout_strict"]["overall"] == pytest.approx(ya.mean())
     assert not np.array_equal(ia, ib)  # the trained weights changed the images, on the same noises
     ex = g["models"][first]["extras"]
-    assert set(ex) == {"artifact_rate", "diversity", "reward:jpeg_compressibility"} and 0 <= ex["artifact_rate"]["mean"] <= 1
+    assert set(ex) == {"artifact_rate", "diversity", "reward:jpeg_compressibility"}
+    assert 0 <= ex["artifact_rate"]["mean"] <= 1
     cb = R["suites"]["shapeworld-compbench"]["models"][first]
     assert cb["best_guidance"] == 3.0 and list(cb["grid"]) == ["3"] and g["models"][first]["best_guidance"] == 2.0
     assert cb["extras"]["diversity"]["n_prompts"] == 5  # 5 categories x 1 prompt x 2 images

@@ -32,7 +32,8 @@ def category_pools() -> dict[str, list[str]]:
     pairs = list(itertools.permutations(SHAPES, 2))
     cols = list(COLORS)
     return {
-        "color": [f"a photo of a {ca} {a} and a {cb} {b}" for a, b in pairs for ca, cb in itertools.permutations(cols, 2)],
+        "color": [f"a photo of a {ca} {a} and a {cb} {b}" for a, b in pairs
+                  for ca, cb in itertools.permutations(cols, 2)],
         "shape": [f"a photo of a {c} {a} and a {c} {b}" for a, b in pairs for c in cols],
         "spatial": [f"a photo of a {a} {r} a {b}" for a, b in pairs for r in RELATIONS],
         "non_spatial": [f"a photo of a {a} and a {b}" for a, b in pairs]
