@@ -271,6 +271,22 @@ def test_model_specs(tiny_sd3, trained_dir):
         S.parse_model(f"{tiny_sd3}@magic")
 
 
+def test_a_full_finetuning_checkpoint_is_a_model(tiny_sd3, trained_dir, tmp_path):
+    from diffusers import SD3Transformer2DModel
+
+    from flowalign import checkpoint
+
+    tr = SD3Transformer2DModel.from_pretrained(str(trained_dir / "transformer"))
+    ck = checkpoint.save_checkpoint(tmp_path / "myrun" / "checkpoints", "iter_7", tr.state_dict(), {}, {"iteration": 7})
+    m = S.parse_model(str(ck), default_base=tiny_sd3)
+    assert (m.trained, m.name) == (str(ck), "myrun_iter_7")
+    a = m.load()
+    w = dict(a.transformer.named_parameters())
+    sd = tr.state_dict()
+    assert set(w) <= set(sd) and len(w) > 0
+    assert all(torch.equal(w[k], sd[k]) for k in w)  # the evaluated transformer holds the checkpoint's weights
+
+
 def _opts(tmp_path, **kw):
     return S.Options(**{**dict(steps=2, guidance=(2.0,), batch_size=4, cache=str(tmp_path / "cache"),
                                rewards=("jpeg_compressibility",), progress=False, grid_per_task=2), **kw})
