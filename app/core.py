@@ -36,6 +36,12 @@ JUDGE_LABELS = {"heldout_strict": "held-out strict (headline)", "heldout": "held
                 "train_strict": "training judge, strict", "train": "training judge (shapeworld reward)"}
 
 
+# Loading models is not thread-safe: diffusers / transformers build modules on the meta device under a process-wide
+# patch (accelerate's init_empty_weights), so a model built in another thread meanwhile gets meta tensors ("Cannot
+# copy out of meta tensor"). Every load in the app (pipelines, trained weights, reward models) holds this lock.
+LOAD_LOCK = threading.RLock()
+
+
 class DemoError(ValueError):
     """A problem the user can fix; its message is shown in the page."""
 
@@ -168,7 +174,8 @@ class ModelCache:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            adapter = self._load(choice, key[0])
+            with LOAD_LOCK:
+                adapter = self._load(choice, key[0])
             self._models[key] = adapter
             self.loads += 1
             while len(self._models) > self.max_models:
@@ -281,18 +288,31 @@ class RewardBank:
         self.unavailable: dict[str, str] = {}
 
     def load(self) -> "RewardBank":
-        with self._lock:
+        with self._lock, LOAD_LOCK:
             if self.available is not None:
                 return self
             from flowalign.rewards import build_reward, known_rewards
 
+            from flowalign.rewards.base import RewardError
+
             avail = OrderedDict()
             for name in self._names or known_rewards():
-                try:
-                    avail[name] = build_reward(name)
-                except Exception as e:  # a reward whose weights are not here: listed, not fatal
-                    self.unavailable[name] = first_line(e)
-            self.available = avail
+                for attempt in (0, 1):
+                    try:
+                        avail[name] = build_reward(name)
+                        self.unavailable.pop(name, None)
+                        break
+                    except RewardError as e:  # weights not on this machine (a hub id offline): listed, not fatal
+                        self.unavailable[name] = first_line(e)
+                        break
+                    except Exception as e:  # anything else may be transient (a lazy import racing another
+                        # thread's): one more try, then listed
+                        self.unavailable[name] = f"{type(e).__name__}: {first_line(e)}"
+                        log.warning("reward %s failed to build (attempt %d): %s", name, attempt + 1,
+                                    self.unavailable[name])
+            self.available = OrderedDict((n, avail[n]) for n in sorted(avail))
+            for name, why in self.unavailable.items():
+                log.info("reward %s is not available: %s", name, why)
         return self
 
 
@@ -428,9 +448,13 @@ class Demo:
     def resolve(self, labels, extra_path: str = "") -> list[ModelChoice]:
         ch = self.choices()
         out = []
+        by_run = {c.label.rsplit(" (", 1)[0]: c for c in list(ch.values())[1:]}
         for lab in labels or []:
+            lab = str(lab).strip()
             if lab in ch:
                 out.append(ch[lab])
+            elif lab in by_run:  # a run's name typed without its "(kind)"
+                out.append(by_run[lab])
             else:  # a label from an older scan, or a path typed into the dropdown
                 out.append(choice_from_path(lab, self.base))
         for p in [s for s in (extra_path or "").replace("\n", ",").split(",") if s.strip()]:
@@ -494,7 +518,8 @@ class Demo:
         if not items:
             raise DemoError("choose at least one reward (e.g. shapeclip, or shapeclip=1 artifact=0.1)")
         spec = noise.parse_reward_args(items)
-        reward = noise.resolve_reward(spec)
+        with LOAD_LOCK:
+            reward = noise.resolve_reward(spec)
         if method in ("reno", "carinox"):
             noise.check_differentiable(reward, method)
         record = record_for(prompt)

@@ -105,6 +105,7 @@ def test_rescan_finds_a_run_that_finished_after_start_up(tmp_path, runs):
 
 def test_paths_typed_by_the_user_resolve_or_give_a_message(runs):
     assert core.choice_from_path(str(runs / "lora_run")).weights == str(runs / "lora_run" / "final")
+    assert core.Demo(runs).resolve(["lora_run", "full_run (full)"])[0].label == "lora_run (lora)"
     assert core.choice_from_path(str(runs / "full_run" / "final")).kind == "full"
     with pytest.raises(DemoError, match="no such directory"):
         core.choice_from_path(str(runs / "nope"))
