@@ -7,8 +7,9 @@ one CFG scale (``--guidance``, the base's best: 3) on the test prompts (n = ``--
 training wall-clock (evaluation excluded). Writes ``compare.md`` (table) and ``compare.png`` (headline judge, the
 held-out strict verdict, solid; the training judge, which is also the reward, dashed) in ``--out``.
 
-usage: python benchmarks/compare_algorithms.py --out runs/compare [--configs configs/a.yaml configs/b.yaml ...]
-       [--iterations 140 --eval-every 35 --seed 0]
+usage: python benchmarks/compare_algorithms.py [section.key=value ...] --out runs/compare
+       [--iterations 140 --eval-every 35 --seed 0] [--configs configs/a.yaml configs/b.yaml ...]
+(overrides go before the options: after --configs they would be read as config files)
 """
 from __future__ import annotations
 
@@ -97,6 +98,13 @@ def main(argv=None) -> str:
 
     torch.set_num_threads(a.threads)
     out = Path(a.out)
+    from flowalign.config import ConfigError
+
+    for path in a.configs:  # every config (and the overrides) must load before anything runs
+        try:
+            load_config(path, [f"run.output_dir={out / Path(path).stem}", *a.overrides])
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
     for path in a.configs:
