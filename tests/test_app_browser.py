@@ -50,7 +50,7 @@ def server(tmp_path_factory):
                              "--threads", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
     url = f"http://127.0.0.1:{port}/"
     staged = make_runs(tmp_path_factory.mktemp("staged_runs"), full=False, bad=False)  # while the app starts
-    deadline = time.time() + 90
+    deadline = time.time() + 240  # a loaded CI machine (pytest -n 2 beside it) starts it slowly
     while True:
         try:
             urllib.request.urlopen(url, timeout=2)
@@ -78,7 +78,7 @@ def page(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(60_000)
+        pg.set_default_timeout(120_000)
         pg.goto(server)
         pg.wait_for_selector("#generate")
         yield pg
