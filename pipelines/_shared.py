@@ -179,3 +179,48 @@ def apply_gpu_options(pipe, denoiser, *, attention: str | None = None, vae_slici
                 fn()
                 on.append(name)
     return on
+
+
+def save_unet_trained(adapter, directory, pipeline: str) -> None:
+    """A UNet adapter's trained weights: LoRA in the diffusers format of ``diffusers.<pipeline>`` (its
+    ``load_lora_weights`` reads it back, with the rank / alpha metadata), or the full ``unet/``."""
+    from pathlib import Path
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if adapter.lora_config is not None:
+        import diffusers
+
+        getattr(diffusers, pipeline).save_lora_weights(str(directory), unet_lora_layers=adapter.lora_state_dict(),
+                                                       unet_lora_adapter_metadata=adapter.lora_config.to_dict())
+    else:
+        adapter.unet.save_pretrained(str(directory / "unet"))
+
+
+def load_unet_trained(adapter, directory) -> None:
+    """Apply what ``save_unet_trained`` wrote (LoRA weights or a full ``unet/``), or a full fine-tuning run's
+    checkpoint directory, to a UNet adapter."""
+    from pathlib import Path
+
+    from flowalign import checkpoint
+
+    from .base import ModelLoadError
+
+    directory = Path(directory)
+    if checkpoint.is_checkpoint(directory):
+        weights = checkpoint.load_weights(directory)
+        if any("lora_" in k for k in weights):
+            raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ directory")
+        res = adapter.unet.load_state_dict(weights, strict=False)
+        if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
+            raise ModelLoadError(f"{directory}: checkpoint weights do not fit this UNet")
+    elif (directory / "unet").is_dir():
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), torch_dtype=adapter.unet.dtype)
+        adapter.unet = adapter.pipe.unet = unet.to(adapter.device).eval().requires_grad_(False)
+    elif directory.is_dir() and any(directory.glob("*.safetensors")):
+        adapter.pipe.load_lora_weights(str(directory))
+    else:
+        raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/unet/ (full fine-tuning) "
+                             f"or LoRA .safetensors (a run's final/ directory)")

@@ -21,13 +21,13 @@ cache_text=True)``, ``enable_gradient_checkpointing()``) are written and guarded
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 
 from flowalign import samplers
 
-from ._shared import DDPMView, PolicyStore, apply_gpu_options, present_targets, vp_scale
+from ._shared import (DDPMView, PolicyStore, apply_gpu_options, load_unet_trained, present_targets,
+                      save_unet_trained, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
 # the UNet's attention projections (self- and cross-attention), as the diffusers LoRA training scripts use
@@ -283,38 +283,11 @@ class SD15Adapter:
         return get_peft_model_state_dict(self.unet)
 
     def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``StableDiffusionPipeline.load_lora_weights(directory)``, with the
-        rank / alpha metadata), or the full ``unet/``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.lora_config is not None:
-            from diffusers import StableDiffusionPipeline
-
-            StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers=self.lora_state_dict(),
-                                                      unet_lora_adapter_metadata=self.lora_config.to_dict())
-        else:
-            self.unet.save_pretrained(str(directory / "unet"))
+        """LoRA weights in the diffusers format (``StableDiffusionPipeline.load_lora_weights(directory)``, with the rank / alpha
+        metadata), or the full ``unet/``."""
+        save_unet_trained(self, directory, "StableDiffusionPipeline")
 
     def load_trained(self, directory) -> None:
         """Apply what ``save_trained`` wrote (LoRA weights or a full ``unet/``), or a full fine-tuning run's
         checkpoint directory."""
-        from flowalign import checkpoint
-
-        directory = Path(directory)
-        if checkpoint.is_checkpoint(directory):
-            weights = checkpoint.load_weights(directory)
-            if any("lora_" in k for k in weights):
-                raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ directory")
-            res = self.unet.load_state_dict(weights, strict=False)
-            if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
-                raise ModelLoadError(f"{directory}: checkpoint weights do not fit this UNet")
-        elif (directory / "unet").is_dir():
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), torch_dtype=self.unet.dtype)
-            self.unet = self.pipe.unet = unet.to(self.device).eval().requires_grad_(False)
-        elif directory.is_dir() and any(directory.glob("*.safetensors")):
-            self.pipe.load_lora_weights(str(directory))
-        else:
-            raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/unet/ (full fine-tuning) "
-                                 f"or LoRA .safetensors (a run's final/ directory)")
+        load_unet_trained(self, directory)
