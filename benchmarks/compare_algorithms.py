@@ -60,8 +60,8 @@ def report(runs: dict[str, dict], out: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, c in runs.items():
         for ax, x in zip(axes, ("images", "minutes")):
-            line, = ax.plot(c[x], c["headline"], marker="o", label=f"{name} (held-out strict)")
-            ax.plot(c[x], c["train"], ls="--", color=line.get_color(), alpha=0.6, label=f"{name} (training judge)")
+            line, = ax.plot(c[x], c["headline"], marker="o", label=name.removeprefix("shapeworld_"))
+            ax.plot(c[x], c["train"], ls="--", color=line.get_color(), alpha=0.5)
         cpu = "–" if c["cpu_minutes"] != c["cpu_minutes"] else f"{c['cpu_minutes']:.1f}"
         lines.append(f"| {name} | {c['algorithm']} | {c['images'][-1]} | {c['minutes'][-1]:.1f} | {cpu} | "
                      f"{c['headline'][-1]:.3f} ± {c['se'][-1]:.3f} | {c['headline'][-1] - c['headline'][0]:+.3f} | "
@@ -70,9 +70,11 @@ def report(runs: dict[str, dict], out: Path) -> str:
         ax.set_xlabel(x)
         ax.set_ylabel("overall score, held-out test prompts")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("ShapeWorld: same prompts, same images, one trainer")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, frameon=False)
+    fig.suptitle("ShapeWorld: same prompts, same images, one trainer (solid: held-out strict judge, the headline; "
+                 "dashed: training judge, the reward)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(out / "compare.png", dpi=110)
     table = "\n".join(lines)
     (out / "compare.md").write_text(table + "\n")
