@@ -48,6 +48,18 @@ class EvalError(ValueError):
 
 
 # ================================================================================================ models
+def _shown(path: str) -> str:
+    from flowalign.shapeworld import MODEL_DIR
+
+    p = Path(path)
+    try:
+        if p.exists() and p.resolve() == Path(MODEL_DIR).resolve():
+            return "shapeworld"
+        return str(p.resolve().relative_to(Path.cwd().resolve())) if p.is_absolute() else str(path)
+    except ValueError:  # outside the working directory: as given
+        return str(path)
+
+
 @dataclass
 class ModelSpec:
     name: str
@@ -58,7 +70,10 @@ class ModelSpec:
     spec: str = ""
 
     def describe(self) -> str:
-        s = self.base if self.trained is None else f"{self.base} + {self.trained}"
+        """What the model is, for reports: the shipped model as ``shapeworld``, paths under the working directory
+        relative to it (a report names no machine's absolute paths)."""
+        base, trained = _shown(self.base), (None if self.trained is None else _shown(self.trained))
+        s = base if trained is None else f"{base} + {trained}"
         if self.method:
             opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
             s += f" @ {self.method}" + (f" ({opts})" if opts else "")

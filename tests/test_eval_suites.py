@@ -390,3 +390,14 @@ def test_official_geneval_file_scored_by_owlv2_through_the_runner(tiny_real, tmp
     assert len(cache.scores()) == len(OFFICIAL)  # cached: a second call reads them back
     assert [p["partial"] for p in runner.score(su, imgs, S.ImageCache(tmp_path / "c", "k", 2, 2.0), names)] == \
            [p["partial"] for p in per]
+
+
+def test_reports_name_the_shipped_model_and_relative_paths_not_this_machines(tmp_path, monkeypatch):
+    from flowalign.shapeworld import MODEL_DIR
+
+    run = tmp_path / "runs" / "r1" / "final"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    m = S.ModelSpec(name="r1", base=str(MODEL_DIR), trained=str(run))
+    assert m.describe() == "shapeworld + runs/r1/final"
+    assert S.ModelSpec(name="x", base="/elsewhere/model").describe() == "/elsewhere/model"  # outside: as given
