@@ -8,7 +8,9 @@
   s = sqrt(1-ab) / (sqrt(ab) + sqrt(1-ab)) (``samplers.alpha_bar_to_sigma``). So an SD1.5 / SDXL adapter hands out
   flow sigmas and flow velocities, and every flow kernel, the forward-process losses and ReNO's Euler preview run
   on it unchanged; DDIM (eta = 0) in these coordinates is exactly the Euler step of the flow ODE.
-- LoRA helpers: which target names a module has, a GPU-options helper.
+- LoRA helpers: which target names a module has, a GPU-options helper;
+- ``DenoiserTraining``: LoRA / full fine-tuning and the named-policy methods over ``self.denoiser``, and
+  ``save_unet_trained`` / ``load_unet_trained`` for the UNet adapters.
 """
 from __future__ import annotations
 
@@ -224,3 +226,61 @@ def load_unet_trained(adapter, directory) -> None:
     else:
         raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/unet/ (full fine-tuning) "
                              f"or LoRA .safetensors (a run's final/ directory)")
+
+
+class DenoiserTraining:
+    """What every adapter built on a ``PolicyStore`` does the same way with its denoiser (``self.denoiser``: the
+    UNet or the transformer), as methods: LoRA or full fine-tuning, gradient checkpointing, and the named policies
+    (``self._pol``). A helper class of this module, not an adapter: no adapter inherits from another. Each adapter
+    sets ``LORA_TARGETS`` (class attribute ``lora_targets``), ``self.lora_config`` and ``self._pol``."""
+
+    lora_targets: tuple = ()
+
+    def add_lora(self, rank: int = 32, alpha: float = 64, targets=None, init: str | bool = "gaussian"):
+        from peft import LoraConfig
+
+        module = self.denoiser
+        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
+                                      target_modules=present_targets(module, targets or self.lora_targets))
+        module.requires_grad_(False)
+        module.add_adapter(self.lora_config)
+        return self.trainable_parameters()
+
+    def full_finetune(self):
+        self.denoiser.requires_grad_(True)
+        return list(self.denoiser.parameters())
+
+    def trainable_parameters(self):
+        return [p for p in self.denoiser.parameters() if p.requires_grad]
+
+    def enable_gradient_checkpointing(self):
+        self.denoiser.enable_gradient_checkpointing()
+
+    # named policies (see pipelines/base.py and the SD3 adapter)
+    def add_policy(self, name: str) -> None:
+        self._pol.add(name)
+
+    def policy_tensors(self, name: str) -> list[torch.Tensor]:
+        return self._pol.tensors(name)
+
+    @torch.no_grad()
+    def snapshot_policy(self, name: str) -> None:
+        self._pol.lerp(name, 1.0)
+
+    @torch.no_grad()
+    def lerp_policy(self, name: str, weight: float) -> None:
+        self._pol.lerp(name, weight)
+
+    def policy(self, name: str):
+        return self._pol.use(name)
+
+    def reference(self):
+        return self._pol.reference()
+
+    def freeze_reference(self):
+        self._pol.add("reference")
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.denoiser)

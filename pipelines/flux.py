@@ -25,15 +25,16 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import PolicyStore, apply_gpu_options, present_targets
+from ._shared import DenoiserTraining, PolicyStore, apply_gpu_options
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections of the double-stream blocks (image and text streams) and the single-stream blocks
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-class FluxAdapter:
+class FluxAdapter(DenoiserTraining):
     family = "flux"
+    lora_targets = LORA_TARGETS
     prediction_type = "flow"
     supports_cfg = True
     kernels = ("sde", "cps", "ddim")
@@ -217,53 +218,7 @@ class FluxAdapter:
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
-    def add_lora(self, rank: int = 32, alpha: float = 64, targets=LORA_TARGETS, init: str | bool = "gaussian"):
-        from peft import LoraConfig
-
-        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
-                                      target_modules=present_targets(self.transformer, targets))
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(self.lora_config)
-        return self.trainable_parameters()
-
-    def full_finetune(self):
-        self.transformer.requires_grad_(True)
-        return list(self.transformer.parameters())
-
-    def trainable_parameters(self):
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def enable_gradient_checkpointing(self):
-        self.transformer.enable_gradient_checkpointing()
-
-    def add_policy(self, name: str) -> None:
-        self._pol.add(name)
-
-    def policy_tensors(self, name: str) -> list[torch.Tensor]:
-        return self._pol.tensors(name)
-
-    @torch.no_grad()
-    def snapshot_policy(self, name: str) -> None:
-        self._pol.lerp(name, 1.0)
-
-    @torch.no_grad()
-    def lerp_policy(self, name: str, weight: float) -> None:
-        self._pol.lerp(name, weight)
-
-    def policy(self, name: str):
-        return self._pol.use(name)
-
-    def reference(self):
-        return self._pol.reference()
-
-    def freeze_reference(self):
-        self._pol.add("reference")
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.transformer)
-
+    # add_lora / full_finetune / named policies: _shared.DenoiserTraining
     def save_trained(self, directory) -> None:
         """LoRA weights in the diffusers format (``FluxPipeline.load_lora_weights(directory)``, with rank / alpha
         metadata), or the full ``transformer/``."""

@@ -26,7 +26,7 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import (DDPMView, PolicyStore, apply_gpu_options, load_unet_trained, present_targets,
+from ._shared import (apply_gpu_options, DDPMView, DenoiserTraining, load_unet_trained, PolicyStore,
                       save_unet_trained, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
@@ -42,8 +42,9 @@ def ddim_scheduler(config):
     return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False)
 
 
-class SD15Adapter:
+class SD15Adapter(DenoiserTraining):
     family = "sd15"
+    lora_targets = LORA_TARGETS
     supports_cfg = True
     kernels = ("ddim", "sde", "cps")
     default_kernel = "ddim"
@@ -234,57 +235,10 @@ class SD15Adapter:
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
-    def add_lora(self, rank: int = 32, alpha: float = 64, targets=LORA_TARGETS, init: str | bool = "gaussian"):
-        from peft import LoraConfig
-
-        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init,
-                                      target_modules=present_targets(self.unet, targets))
-        self.unet.requires_grad_(False)
-        self.unet.add_adapter(self.lora_config)
-        return self.trainable_parameters()
-
-    def full_finetune(self):
-        self.unet.requires_grad_(True)
-        return list(self.unet.parameters())
-
-    def trainable_parameters(self):
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def enable_gradient_checkpointing(self):
-        self.unet.enable_gradient_checkpointing()
-
-    # named policies (see pipelines/base.py and the SD3 adapter)
-    def add_policy(self, name: str) -> None:
-        self._pol.add(name)
-
-    def policy_tensors(self, name: str) -> list[torch.Tensor]:
-        return self._pol.tensors(name)
-
-    @torch.no_grad()
-    def snapshot_policy(self, name: str) -> None:
-        self._pol.lerp(name, 1.0)
-
-    @torch.no_grad()
-    def lerp_policy(self, name: str, weight: float) -> None:
-        self._pol.lerp(name, weight)
-
-    def policy(self, name: str):
-        return self._pol.use(name)
-
-    def reference(self):
-        return self._pol.reference()
-
-    def freeze_reference(self):
-        self._pol.add("reference")
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.unet)
-
+    # add_lora / full_finetune / named policies: _shared.DenoiserTraining
     def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``StableDiffusionPipeline.load_lora_weights(directory)``, with the rank / alpha
-        metadata), or the full ``unet/``."""
+        """LoRA weights in the diffusers format (``StableDiffusionPipeline.load_lora_weights(directory)``, with the
+        rank / alpha metadata), or the full ``unet/``."""
         save_unet_trained(self, directory, "StableDiffusionPipeline")
 
     def load_trained(self, directory) -> None:
