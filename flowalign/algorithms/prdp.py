@@ -148,12 +148,10 @@ class PRDP(Algorithm):
         rows_t = torch.tensor(rows, dtype=torch.long)
         w = torch.tensor(weights).repeat_interleave(2)
         y = adv.float()
-        work = Work(traj, adv, torch.arange(len(rows)), unit=2, info={"steps": steps})
         # the pair rows become the work's samples (a sample may sit in several pairs with pairing: all)
-        sub = work.index(rows_t)
-        sub.extra = {"w": w, "y": y[rows_t.to(y.device)].cpu()}
-        sub.keep = torch.arange(len(rows))
-        return sub
+        work = Work(traj, adv, torch.arange(len(traj)), info={"steps": steps}).index(rows_t)
+        work.extra, work.unit = {"w": w, "y": y[rows_t.to(y.device)].cpu()}, 2
+        return work
 
     def loss(self, fwd, work: Work, part):
         c, tr = self.cfg, work.traj
