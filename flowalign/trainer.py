@@ -86,6 +86,9 @@ class Trainer:
         self.algo = ALGORITHMS[cfg.algorithm.name](cfg.algorithm, Context(
             sample=cfg.sample, sigmas=self.sigmas.cpu(), sde_mask=self.mask, world=self.d.world, seed=cfg.run.seed))
         self.spec = self.algo.rollout_spec()
+        if self.spec.completions and self.reward.group_scope:
+            raise ConfigError("algorithm.granularities: the extra completions are scored one by one, which a "
+                              "group-scope reward (pairwise, frechet, vendi) cannot do; use a pointwise reward")
         if not self.spec.stochastic:
             self.mask = torch.zeros_like(self.mask)
         lora = cfg.model.lora

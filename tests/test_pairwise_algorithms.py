@@ -319,3 +319,12 @@ def test_g2rpo_completions_and_multi_granularity_advantages(tiny_sd3, tmp_path):
     t.run()
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("score/reward@2" in x for x in recs)
+
+
+def test_g2rpo_refuses_a_group_scope_reward(tiny_sd3, tmp_path):
+    from flowalign.config import ConfigError
+
+    d = tiny_cfg(tiny_sd3, tmp_path / "run", algorithm={"name": "grpo", "granularities": [2]}).to_dict()
+    d["rewards"] = {"test_brightness": {"pairwise": True}}
+    with pytest.raises(ConfigError, match="group-scope reward"):
+        Trainer(load_config(d))
