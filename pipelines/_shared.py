@@ -10,7 +10,8 @@
   on it unchanged; DDIM (eta = 0) in these coordinates is exactly the Euler step of the flow ODE.
 - LoRA helpers: which target names a module has, a GPU-options helper;
 - ``DenoiserTraining``: LoRA / full fine-tuning and the named-policy methods over ``self.denoiser``, and
-  ``save_unet_trained`` / ``load_unet_trained`` for the UNet adapters.
+  ``save_unet_trained`` / ``load_unet_trained`` for the UNet adapters;
+- ``DDPMFlowSteps``: the flow-view ``predict`` and ``step`` (and the epsilon / v conversions) of the UNet adapters.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import warnings
 import torch
 
 from flowalign import samplers
+
+from .base import Cond
 
 
 def present_targets(module: torch.nn.Module, targets) -> list[str]:
@@ -284,3 +287,63 @@ class DenoiserTraining:
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.denoiser)
+
+
+class DDPMFlowSteps:
+    """The flow view's prediction and step for a DDPM adapter (SD1.5, SDXL): conversions of the native epsilon / v
+    output at VP latents, ``predict`` (the flow velocity eps - x0 at flow latents) and ``step`` (DDIM with eta on the
+    flow view, or a flow kernel). A helper class, not an adapter; the adapter provides ``prediction_type``,
+    ``view`` (a ``DDPMView``), ``predict_native(x_vp, t, cond, guidance, module, cfg_grad)`` and ``kernels``."""
+
+    # conversions of the native output at VP latents (a = sqrt(ab), b = sqrt(1 - ab))
+    def to_eps(self, x_vp, out, alpha_bar) -> torch.Tensor:
+        ab = samplers._bc(alpha_bar, x_vp)
+        if self.prediction_type == "epsilon":
+            return out
+        return ab.sqrt() * out + (1 - ab).sqrt() * x_vp
+
+    def to_x0(self, x_vp, out, alpha_bar) -> torch.Tensor:
+        ab = samplers._bc(alpha_bar, x_vp)
+        if self.prediction_type == "epsilon":
+            return (x_vp - (1 - ab).sqrt() * out) / ab.sqrt()
+        return ab.sqrt() * x_vp - (1 - ab).sqrt() * out
+
+    def to_velocity(self, x_vp, out, alpha_bar) -> torch.Tensor:
+        """The flow velocity eps - x0 of the native output."""
+        return self.to_eps(x_vp, out, alpha_bar) - self.to_x0(x_vp, out, alpha_bar)
+
+    def _predictions(self, x, sigma, cond, guidance, module, cfg_grad):
+        """(x0, eps, alpha_bar) at flow latents x and flow sigma(s)."""
+        x = x.float()
+        t, ab = self.view.lookup(sigma, x.shape[0], x.device)
+        x_vp = x * samplers._bc(vp_scale(ab), x)
+        out = self.predict_native(x_vp, t, cond, guidance, module=module, cfg_grad=cfg_grad)
+        return self.to_x0(x_vp, out, ab), self.to_eps(x_vp, out, ab), ab
+
+    def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0, module: torch.nn.Module | None = None,
+                cfg_grad: str = "both") -> torch.Tensor:
+        """The flow velocity eps - x0 at flow latents x and flow sigma(s) (see the module docstring); ``module`` /
+        ``cfg_grad`` as in the SD3 adapter; inside ``policy(name)`` the named policy runs."""
+        x0, eps, _ = self._predictions(x, sigma, cond, guidance, module, cfg_grad)
+        return eps - x0
+
+    def step(self, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Cond, guidance: float = 1.0,
+             noise_level: float = 0.0, next_x: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             kernel: str = "ddim", noise_block: int = 1, module: torch.nn.Module | None = None,
+             cfg_grad: str = "both") -> samplers.StepOutput:
+        """Step i (sigma_i -> sigma_{i+1}): DDIM with eta = noise_level (``kernel="ddim"``, and every ODE step), or a
+        flow kernel on the flow view ("sde", "cps"). Samples when next_x is None, otherwise scores it."""
+        x0, eps, ab = self._predictions(x, sigmas[i], cond, guidance, module, cfg_grad)
+        if noise_level == 0 or kernel == "ddim":
+            if noise_block != 1:
+                raise ValueError("noise_block > 1 needs kernel 'sde'")
+            _, abp = self.view.lookup(sigmas[i + 1], x.shape[0], x.device)
+            return samplers.ddim_flow_step(x0, eps, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x,
+                                           alpha_bar=ab, alpha_bar_next=abp)
+        v = eps - x0
+        if kernel == "cps":
+            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
+        if kernel != "sde":
+            raise ValueError(f"unknown kernel {kernel!r}: one of {self.kernels}")
+        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
+                                      noise=noise, next_x=next_x, noise_block=noise_block)

@@ -21,9 +21,8 @@ import copy
 
 import torch
 
-from flowalign import samplers
 
-from ._shared import (apply_gpu_options, DDPMView, DenoiserTraining, load_unet_trained, PolicyStore,
+from ._shared import (apply_gpu_options, DDPMFlowSteps, DDPMView, DenoiserTraining, load_unet_trained, PolicyStore,
                       save_unet_trained, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
@@ -39,7 +38,7 @@ def ddim_scheduler(config):
     return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False)
 
 
-class SDXLAdapter(DenoiserTraining):
+class SDXLAdapter(DDPMFlowSteps, DenoiserTraining):
     family = "sdxl"
     lora_targets = LORA_TARGETS
     supports_cfg = True
@@ -181,58 +180,7 @@ class SDXLAdapter(DenoiserTraining):
         added = {"text_embeds": pooled.to(x.dtype), "time_ids": self.time_ids(x)}
         return model(x, t, encoder_hidden_states=emb, added_cond_kwargs=added, return_dict=False)[0]
 
-    # conversions of the native output at VP latents (a = sqrt(ab), b = sqrt(1 - ab))
-    def to_eps(self, x_vp, out, alpha_bar) -> torch.Tensor:
-        ab = samplers._bc(alpha_bar, x_vp)
-        if self.prediction_type == "epsilon":
-            return out
-        return ab.sqrt() * out + (1 - ab).sqrt() * x_vp
-
-    def to_x0(self, x_vp, out, alpha_bar) -> torch.Tensor:
-        ab = samplers._bc(alpha_bar, x_vp)
-        if self.prediction_type == "epsilon":
-            return (x_vp - (1 - ab).sqrt() * out) / ab.sqrt()
-        return ab.sqrt() * x_vp - (1 - ab).sqrt() * out
-
-    def to_velocity(self, x_vp, out, alpha_bar) -> torch.Tensor:
-        """The flow velocity eps - x0 of the native output."""
-        return self.to_eps(x_vp, out, alpha_bar) - self.to_x0(x_vp, out, alpha_bar)
-
-    def _predictions(self, x, sigma, cond, guidance, module, cfg_grad):
-        """(x0, eps, alpha_bar) at flow latents x and flow sigma(s)."""
-        x = x.float()
-        t, ab = self.view.lookup(sigma, x.shape[0], x.device)
-        x_vp = x * samplers._bc(vp_scale(ab), x)
-        out = self.predict_native(x_vp, t, cond, guidance, module=module, cfg_grad=cfg_grad)
-        return self.to_x0(x_vp, out, ab), self.to_eps(x_vp, out, ab), ab
-
-    def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0, module: torch.nn.Module | None = None,
-                cfg_grad: str = "both") -> torch.Tensor:
-        """The flow velocity eps - x0 at flow latents x and flow sigma(s) (see the module docstring); ``module`` /
-        ``cfg_grad`` as in the SD3 adapter; inside ``policy(name)`` the named policy runs."""
-        x0, eps, _ = self._predictions(x, sigma, cond, guidance, module, cfg_grad)
-        return eps - x0
-
-    def step(self, x: torch.Tensor, sigmas: torch.Tensor, i: int, cond: Cond, guidance: float = 1.0,
-             noise_level: float = 0.0, next_x: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-             kernel: str = "ddim", noise_block: int = 1, module: torch.nn.Module | None = None,
-             cfg_grad: str = "both") -> samplers.StepOutput:
-        """Step i (sigma_i -> sigma_{i+1}): DDIM with eta = noise_level (``kernel="ddim"``, and every ODE step), or a
-        flow kernel on the flow view ("sde", "cps"). Samples when next_x is None, otherwise scores it."""
-        x0, eps, ab = self._predictions(x, sigmas[i], cond, guidance, module, cfg_grad)
-        if noise_level == 0 or kernel == "ddim":
-            if noise_block != 1:
-                raise ValueError("noise_block > 1 needs kernel 'sde'")
-            _, abp = self.view.lookup(sigmas[i + 1], x.shape[0], x.device)
-            return samplers.ddim_flow_step(x0, eps, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x,
-                                           alpha_bar=ab, alpha_bar_next=abp)
-        v = eps - x0
-        if kernel == "cps":
-            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
-        if kernel != "sde":
-            raise ValueError(f"unknown kernel {kernel!r}: one of {self.kernels}")
-        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
-                                      noise=noise, next_x=next_x, noise_block=noise_block)
+    # to_eps / to_x0 / to_velocity / predict / step in the flow view: _shared.DDPMFlowSteps
 
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         """Images in [0, 1] of final flow latents (converted back to VP at the scheduler's final alpha_bar)."""
