@@ -290,10 +290,54 @@ class DenoiserTraining:
 
 
 class DDPMFlowSteps:
-    """The flow view's prediction and step for a DDPM adapter (SD1.5, SDXL): conversions of the native epsilon / v
-    output at VP latents, ``predict`` (the flow velocity eps - x0 at flow latents) and ``step`` (DDIM with eta on the
-    flow view, or a flow kernel). A helper class, not an adapter; the adapter provides ``prediction_type``,
-    ``view`` (a ``DDPMView``), ``predict_native(x_vp, t, cond, guidance, module, cfg_grad)`` and ``kernels``."""
+    """The flow view of a DDPM adapter (SD1.5, SDXL): x_T and the schedule in flow coordinates, the UNet's native
+    output with CFG (``predict_native``), conversions of the native epsilon / v output at VP latents, ``predict``
+    (the flow velocity eps - x0 at flow latents) and ``step`` (DDIM with eta on the flow view, or a flow kernel). A helper class, not an adapter; the adapter provides ``prediction_type``,
+    ``view`` (a ``DDPMView``), ``scheduler``, ``unet``, ``_pol``, ``_call(model, x, t, cond, negative)`` (the UNet on
+    the unconditional rows, the conditional ones, or both) and ``kernels``."""
+
+    def init_noise(self, n: int, generator=None, height=None, width=None) -> torch.Tensor:
+        """x_T: the stock pipeline's draw z (one randn of the batch, or one per generator), the VP latent at the top
+        timestep, in flow coordinates (z / (sqrt(ab_top) + sqrt(1 - ab_top)))."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        z = randn_tensor((n, *self.latent_shape(height, width)), generator=generator, device=self.device,
+                         dtype=torch.float32) * self.scheduler.init_noise_sigma
+        return z * self.init_noise_std
+
+    @property
+    def init_noise_std(self) -> float:
+        """The std of x_T in flow coordinates, 1 / (sqrt(ab_top) + sqrt(1 - ab_top)) (about 0.94 for SD's betas):
+        ReNO's norm prior is on x_T / init_noise_std, the standard normal draw."""
+        return float(1 / vp_scale(self.view.ab[-1]))
+
+    def schedule(self, num_steps: int) -> torch.Tensor:
+        sch = copy.deepcopy(self.scheduler)
+        sch.set_timesteps(num_steps)
+        return self.view.sigmas(sch.timesteps)
+
+    def _model(self, module):
+        return self._pol.model(module)
+
+    def predict_native(self, x_vp: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float = 1.0,
+                       module: torch.nn.Module | None = None, cfg_grad: str = "both") -> torch.Tensor:
+        """The UNet's output (epsilon or v) at VP latents and (B,) timesteps, CFG ``u + g (c - u)`` inside."""
+        if cfg_grad not in ("both", "cond"):
+            raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
+        model = self._model(module)
+        dt = next(self.unet.parameters()).dtype
+        x_in = x_vp.to(dt)
+        use_cfg = guidance > 1.0 and cond.neg_embeds is not None
+        if use_cfg and cfg_grad == "cond" and torch.is_grad_enabled():
+            with torch.no_grad():
+                plain = self.unet if self._pol.active is None else model
+                u = self._call(plain, x_in, t, cond, negative=True).float()
+            c = self._call(model, x_in, t, cond, negative=False).float()
+            return u + guidance * (c - u)
+        if use_cfg:
+            u, c = self._call(model, torch.cat([x_in, x_in]), torch.cat([t, t]), cond, negative=None).float().chunk(2)
+            return u + guidance * (c - u)
+        return self._call(model, x_in, t, cond, negative=False).float()
 
     # conversions of the native output at VP latents (a = sqrt(ab), b = sqrt(1 - ab))
     def to_eps(self, x_vp, out, alpha_bar) -> torch.Tensor:

@@ -20,7 +20,6 @@ cache_text=True)``, ``enable_gradient_checkpointing()``) are written and guarded
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -120,49 +119,8 @@ class SD15Adapter(DDPMFlowSteps, DenoiserTraining):
             self._text_cache[key] = cond
         return cond
 
-    def init_noise(self, n: int, generator=None, height=None, width=None) -> torch.Tensor:
-        """x_T: the stock pipeline's draw z (one randn of the batch, or one per generator), the VP latent at the top
-        timestep, in flow coordinates (z / (sqrt(ab_top) + sqrt(1 - ab_top)))."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        z = randn_tensor((n, *self.latent_shape(height, width)), generator=generator, device=self.device,
-                         dtype=torch.float32) * self.scheduler.init_noise_sigma
-        return z * self.init_noise_std
-
-    @property
-    def init_noise_std(self) -> float:
-        """The std of x_T in flow coordinates, 1 / (sqrt(ab_top) + sqrt(1 - ab_top)) (about 0.94 for SD's betas):
-        ReNO's norm prior is on x_T / init_noise_std, the standard normal draw."""
-        return float(1 / vp_scale(self.view.ab[-1]))
-
-    def schedule(self, num_steps: int) -> torch.Tensor:
-        sch = copy.deepcopy(self.scheduler)
-        sch.set_timesteps(num_steps)
-        return self.view.sigmas(sch.timesteps)
-
-    # ------------------------------------------------------------------------------------------ the model
-    def _model(self, module):
-        return self._pol.model(module)
-
-    def predict_native(self, x_vp: torch.Tensor, t: torch.Tensor, cond: Cond, guidance: float = 1.0,
-                       module: torch.nn.Module | None = None, cfg_grad: str = "both") -> torch.Tensor:
-        """The UNet's output (epsilon or v) at VP latents and (B,) timesteps, CFG ``u + g (c - u)`` inside."""
-        if cfg_grad not in ("both", "cond"):
-            raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
-        model = self._model(module)
-        dt = next(self.unet.parameters()).dtype
-        x_in = x_vp.to(dt)
-        use_cfg = guidance > 1.0 and cond.neg_embeds is not None
-        if use_cfg and cfg_grad == "cond" and torch.is_grad_enabled():
-            with torch.no_grad():
-                plain = self.unet if self._pol.active is None else model
-                u = self._call(plain, x_in, t, cond, negative=True).float()
-            c = self._call(model, x_in, t, cond, negative=False).float()
-            return u + guidance * (c - u)
-        if use_cfg:
-            u, c = self._call(model, torch.cat([x_in, x_in]), torch.cat([t, t]), cond, negative=None).float().chunk(2)
-            return u + guidance * (c - u)
-        return self._call(model, x_in, t, cond, negative=False).float()
+    # init_noise / init_noise_std / schedule / predict_native: _shared.DDPMFlowSteps (this adapter's ``_call``
+    # runs the UNet on one CFG branch or both)
 
     def _call(self, model, x, t, cond: Cond, negative):
         """negative True: the unconditional rows; False: the conditional; None: both, unconditional first."""
