@@ -65,6 +65,12 @@ def grpo_step_loss(log_prob, old_log_prob, adv, clip_range: float, beta: float =
     return loss, stats
 
 
+def check_train_steps(spec: str, err) -> None:
+    """``train_steps`` of the policy-gradient algorithms: 'sde' (all stochastic steps) or 'first:K'."""
+    if spec != "sde" and not (spec.startswith("first:") and spec[6:].isdigit() and int(spec[6:]) > 0):
+        err("algorithm.train_steps", f"use 'sde' or 'first:K' (K >= 1), got {spec!r}")
+
+
 @dataclass
 class GRPOConfig:
     name: Literal["grpo"] = "grpo"
@@ -86,9 +92,7 @@ class GRPOConfig:
             err("algorithm.beta", f"must be >= 0, got {self.beta}")
         if not 0 < self.timestep_fraction <= 1:
             err("algorithm.timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
-        if self.train_steps != "sde" and not (self.train_steps.startswith("first:") and self.train_steps[6:].isdigit()
-                                              and int(self.train_steps[6:]) > 0):
-            err("algorithm.train_steps", f"use 'sde' or 'first:K' (K >= 1), got {self.train_steps!r}")
+        check_train_steps(self.train_steps, err)
         if not isinstance(self.granularities, list) or not all(isinstance(g, int) and not isinstance(g, bool)
                                                                  and g >= 1 for g in self.granularities):
             err("algorithm.granularities", f"a list of integers >= 1 (every g-th remaining step), "

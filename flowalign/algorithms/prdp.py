@@ -32,6 +32,7 @@ from flowalign import seeding
 from flowalign.rollout import replay_step, trained_steps
 
 from .base import Algorithm, RolloutSpec, Work
+from .grpo import check_train_steps
 
 
 def prdp_loss(log_ratio: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, beta: float,
@@ -105,9 +106,7 @@ class PRDPConfig:
             err("algorithm.adv_clip", f"must be > 0, got {self.adv_clip}")
         if not 0 < self.timestep_fraction <= 1:
             err("algorithm.timestep_fraction", f"must be in (0, 1], got {self.timestep_fraction}")
-        if self.train_steps != "sde" and not (self.train_steps.startswith("first:") and self.train_steps[6:].isdigit()
-                                              and int(self.train_steps[6:]) > 0):
-            err("algorithm.train_steps", f"use 'sde' or 'first:K' (K >= 1), got {self.train_steps!r}")
+        check_train_steps(self.train_steps, err)
 
 
 class PRDP(Algorithm):
