@@ -87,7 +87,10 @@ def spec(name, a):
     """(noise method, reward spec, options) of a benchmark entry."""
     reno = dict(sampler_steps=a.reno_sampler_steps, lr=a.reno_lr, checkpointing=a.reno_checkpointing)
     sa = {"shapeclip": 1.0, "artifact": a.artifact_weight}
-    fk = dict(noise_level=a.fk_noise, potential=a.fk_potential)
+    # the FK settings of the first run (seed 1000), every option explicit so that a change of noise.py's defaults
+    # cannot change them
+    fk = dict(noise_level=a.fk_noise, potential=a.fk_potential, resample_at=[4, 8, 12], sde_until=a.steps - 2,
+              ess_threshold=1.0, resampling="multinomial")
     return {
         "base": ("best_of_n", "shapeclip", dict(n=1)),
         "bon_shapeclip": ("best_of_n", "shapeclip", {}),
