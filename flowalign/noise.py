@@ -501,35 +501,74 @@ def _best_of_n(ctx: _Ctx, reward, n: int) -> dict:
 
 
 def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampler_steps, lr, momentum, nesterov,
-               clip, prior, prior_weight, checkpointing, optimizer, notify=None):
+               clip, prior, prior_weight, checkpointing, optimizer, chunk=None, notify=None):
     """Gradient ascent on the rows of z0 (rows aligned with prompts/cond). Returns the best iterate per row, its
     preview reward and the trajectory (iterations + 1 rows, fewer when ``notify(it, total, reward, best, images)``
-    asks to stop)."""
+    asks to stop).
+
+    ``chunk`` (rows per forward/backward; None: all rows at once) bounds the graph's memory: the chunks run in
+    lockstep, each with its own optimiser over its own rows, which gives the same iterates as one batch (the loss
+    is a sum over rows, the clipping per row, SGD / Adam per element). With more than one chunk each chunk's
+    backward runs before ``notify`` (its graph is freed at once), so a stop costs that iterate's backward too."""
     sig = preview_sigmas(ctx.sigmas, sampler_steps)
-    z = z0.detach().clone().requires_grad_(True)
-    if optimizer == "sgd":
-        opt = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam([z], lr=lr, eps=1e-2)  # ReNO's Adam setting
-    else:
-        raise NoiseOptError(f"unknown optimizer {optimizer!r}; known: sgd, adam")
-    best_r = torch.full((z.shape[0],), -math.inf)
+    N = z0.shape[0]
+    chunk = N if chunk is None else min(int(chunk), N)
+    parts = []
+    for s0 in range(0, N, chunk):
+        sl = slice(s0, s0 + chunk)
+        z = z0[sl].detach().clone().requires_grad_(True)
+        if optimizer == "sgd":
+            opt = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+        elif optimizer == "adam":
+            opt = torch.optim.Adam([z], lr=lr, eps=1e-2)  # ReNO's Adam setting
+        else:
+            raise NoiseOptError(f"unknown optimizer {optimizer!r}; known: sgd, adam")
+        parts.append((sl, z, opt, [prompts[i] for i in range(N)[sl]],
+                      [metadata[i] for i in range(N)[sl]] if metadata is not None else None, cond.index(sl)))
+    hold = len(parts) == 1  # one batch: backpropagate after notify (a stop then costs no backward)
+    best_r = torch.full((N,), -math.inf)
     best_z = z0.detach().clone()
     traj, grad_norms = [], []
     its = range(iterations + 1)
     if ctx.progress:
         from tqdm import tqdm
         its = tqdm(its, desc="ReNO", leave=False)
+
+    def loss_of(r, z, finite):
+        mask = finite.to(r.device)
+        loss = -(torch.where(mask, r, torch.zeros_like(r))).sum()
+        if prior != "none" and prior_weight > 0:
+            # the prior is on the standard normal draw: x_T / std (a DDPM adapter's x_T has std != 1)
+            loss = loss + prior_weight * noise_prior(z / getattr(ctx.adapter, "init_noise_std", 1.0), prior).sum()
+        return loss
+
     for it in its:
         last = it == iterations
-        with torch.set_grad_enabled(not last):
-            x = ctx.preview(z, cond, sig, checkpointing)
-            img = ctx.adapter.decode(x, differentiable=not last)
-            r = ctx.score(reward, img, prompts, metadata, grad=not last)["reward"]
-        rc = r.detach().float().cpu()
+        rcs, imgs, pending = [], [], []
+        for sl, z, opt, p, m, c in parts:
+            with torch.set_grad_enabled(not last):
+                x = ctx.preview(z, c, sig, checkpointing)
+                img = ctx.adapter.decode(x, differentiable=not last)
+                r = ctx.score(reward, img, p, m, grad=not last)["reward"]
+            rc = r.detach().float().cpu()
+            finite = torch.isfinite(rc)
+            rcs.append(rc)
+            imgs.append(img.detach())
+            if last:
+                continue
+            loss = loss_of(r, z, finite)
+            opt.zero_grad(set_to_none=True)
+            if hold:
+                pending.append(loss)
+            else:
+                ctx.counter.backward(loss)
+                del loss, r, img, x
+        rc = torch.cat(rcs)
+        img = torch.cat(imgs)
         finite = torch.isfinite(rc)
         better = finite & (rc > best_r)
-        best_z = torch.where(better.to(z.device).view(-1, *([1] * (z.ndim - 1))), z.detach(), best_z)
+        zs = torch.cat([z.detach() for _, z, *_ in parts])
+        best_z = torch.where(better.to(zs.device).view(-1, *([1] * (zs.ndim - 1))), zs, best_z)
         best_r = torch.where(better, rc, best_r)
         traj.append(rc)
         if notify is not None and notify(it, iterations + 1, rc, best_r, img):
@@ -537,17 +576,15 @@ def _reno_loop(ctx: _Ctx, reward, z0, prompts, metadata, cond, iterations, sampl
             break
         if last:
             break
-        mask = finite.to(r.device)
-        loss = -(torch.where(mask, r, torch.zeros_like(r))).sum()
-        if prior != "none" and prior_weight > 0:
-            # the prior is on the standard normal draw: x_T / std (a DDPM adapter's x_T has std != 1)
-            loss = loss + prior_weight * noise_prior(z / getattr(ctx.adapter, "init_noise_std", 1.0), prior).sum()
-        opt.zero_grad(set_to_none=True)
-        ctx.counter.backward(loss)
-        z.grad[~finite.to(z.device)] = 0.0  # a non-finite reward moves nothing
-        grad_norms.append(clip_grad_per_sample(z.grad, clip).mean().item() if clip else z.grad.flatten(1)
-                          .norm(dim=1).mean().item())
-        opt.step()
+        norms = []
+        for k, (sl, z, opt, *_) in enumerate(parts):
+            if hold:
+                ctx.counter.backward(pending[k])
+            z.grad[~finite[sl].to(z.device)] = 0.0  # a non-finite reward moves nothing
+            norms.append(clip_grad_per_sample(z.grad, clip) if clip else z.grad.flatten(1).norm(dim=1))
+            opt.step()
+        pending.clear()
+        grad_norms.append(torch.cat(norms).mean().item())
     return best_z, best_r, torch.stack(traj), grad_norms, lr
 
 
@@ -560,7 +597,8 @@ def _reno_options(o: dict, num_steps: int) -> dict:
                 prior=o.pop("prior", "reno"),
                 prior_weight=_positive_float("prior_weight", o.pop("prior_weight", 0.01), allow_zero=True),
                 checkpointing=bool(o.pop("checkpointing", True)),
-                optimizer=o.pop("optimizer", "sgd"))
+                optimizer=o.pop("optimizer", "sgd"),
+                chunk=_positive_int("chunk (ReNO rows per forward/backward)", o.pop("chunk", None), allow_none=True))
 
 
 def _reno(ctx: _Ctx, reward, iterations: int, final: str, init: torch.Tensor | None, ro: dict) -> dict:
@@ -633,7 +671,7 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
 
 
 def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: float, resampling: str,
-        ess_threshold: float, noise_level: float, sde_until: int) -> dict:
+        ess_threshold: float, noise_level: float, sde_until: int, sde_from: int = 0) -> dict:
     B, T = len(ctx.prompts), ctx.num_steps
     prompts, metadata, cond = ctx.rep(K)
     dev = ctx.adapter.device
@@ -682,7 +720,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
                     rk = r.view(B, K).float()
                     top = (torch.arange(B) * K + rk.argmax(1)).to(img.device)
                     ctx.notify("resample", len(traj) - 1, len(resample_at), traj[-1], rk.amax(1), img[top])
-            eta = noise_level if i <= sde_until else 0.0
+            eta = noise_level if sde_from <= i <= sde_until else 0.0
             if eta > 0:
                 noise = torch.stack([torch.randn((K, *shape), generator=g) for g in gens]).flatten(0, 1).to(dev)
                 x = samplers.flow_sde_step(x, v, sig[i], sig[i + 1], eta, sigma_cap=float(sig[1]), noise=noise).next
@@ -700,7 +738,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
             "trajectory": torch.stack(traj), "particles": x.view(B, K, *shape),
             "info": {"particles": K, "resample_at": list(resample_at), "potential": potential, "lam": lam,
                      "resampling": resampling, "ess_threshold": ess_threshold, "noise_level": noise_level,
-                     "sde_until": sde_until, "ess": ess_log, "resampled": resampled,
+                     "sde_until": sde_until, "sde_from": sde_from, "ess": ess_log, "resampled": resampled,
                      "final_particle_rewards": r.tolist(), "stopped_early": len(traj) < len(resample_at) + 1}}
 
 
@@ -854,9 +892,11 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         eta = _positive_float("noise_level", o.pop("noise_level", 0.7), allow_zero=True)
         until = o.pop("sde_until", None)
         until = num_steps - 2 if until is None else int(until)  # the last step to sigma 0 is an ODE step
+        sde_from = o.pop("sde_from", 0)
+        sde_from = min(ra) if sde_from == "first_resample" else int(sde_from)
         fk_opts = dict(resample_at=[int(i) for i in ra], potential=potential,
                        lam=_positive_float("lam", o.pop("lam", 10.0), allow_zero=True), resampling=resampling,
-                       ess_threshold=ess, noise_level=eta, sde_until=until)
+                       ess_threshold=ess, noise_level=eta, sde_until=until, sde_from=sde_from)
     init = o.pop("init", None) if method == "reno" else None
     known = {"best_of_n": {"n"}, "fk": {"particles"}, "reno": {"iterations", "final", "sampler_steps",
                                                                  "checkpointing"},

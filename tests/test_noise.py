@@ -175,6 +175,43 @@ def test_reno_batched_equals_one_prompt_at_a_time(tiny_adapter, shapeclip):
     assert torch.allclose(both.trajectory[:, 1], second.trajectory[:, 0], atol=1e-3)
 
 
+def test_reno_chunked_gives_the_unchunked_result(tiny_adapter, shapeclip):
+    # three prompts optimised in chunks of 2 (2 + 1 rows) and of 1 give the iterates of one batch: the loss is a sum
+    # over rows, the clipping per row and SGD per element, so only float rounding of the batched forwards differs
+    P = SHAPECLIP_PROMPTS + ["a photo of a blue triangle"]
+    kw = dict(iterations=3, num_steps=3, sampler_steps=2, seed=4, checkpointing=False)
+    one = optimize(tiny_adapter, P, shapeclip, "reno", **kw)
+    for chunk in (2, 1):
+        c = optimize(tiny_adapter, P, shapeclip, "reno", chunk=chunk, **kw)
+        assert torch.allclose(one.noises, c.noises, atol=1e-5), chunk
+        assert torch.allclose(one.trajectory, c.trajectory, atol=1e-3), chunk
+        assert torch.allclose(one.images, c.images, atol=1e-5), chunk
+        assert c.nfe == one.nfe and c.info["chunk"] == chunk
+    # the noise really moved (the comparison is not of three unoptimised starts)
+    assert (one.noises - noise.optimize(tiny_adapter, P, shapeclip, "best_of_n", n=1, num_steps=3, seed=4)
+            .noises).abs().max() > 1e-3
+    with pytest.raises(NoiseOptError, match="chunk"):
+        optimize(tiny_adapter, P, shapeclip, "reno", chunk=0, **kw)
+
+
+def test_fk_without_noise_or_potential_is_best_of_n(tiny_adapter, shapeclip):
+    # lam 0 and no SDE step (sde_from past sde_until): K independent ODE samples from candidates 0..K-1, the best
+    # by reward kept -- best-of-K exactly
+    kw = dict(num_steps=4, seed=3)
+    fk = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "fk", particles=3, lam=0.0, resample_at=[1],
+                  sde_from=4, **kw)
+    bon = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "best_of_n", n=3, **kw)
+    assert torch.allclose(fk.images, bon.images, atol=1e-5)
+    assert torch.equal(fk.noises, bon.noises)
+    assert fk.info["sde_from"] == 4
+    # sde_from="first_resample": the SDE starts at the first resampling step (here 2), so the result is no longer
+    # best-of-N's
+    late = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "fk", particles=3, lam=0.0, resample_at=[2],
+                    sde_from="first_resample", **kw)
+    assert late.info["sde_from"] == 2
+    assert not torch.allclose(late.images, bon.images, atol=1e-3)
+
+
 def test_checkpointing_changes_the_cost_not_the_result(tiny_adapter, shapeclip):
     kw = dict(iterations=3, num_steps=3, sampler_steps=2, seed=2)
     a = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "reno", checkpointing=False, **kw)

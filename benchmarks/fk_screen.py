@@ -1,0 +1,160 @@
+"""Screen FK-steering settings against best-of-N at equal NFE on ShapeWorld **training** prompts (never the test
+prompts), judged only by the potential's own reward and the training judge (the exact detector, lenient and
+strict); the held-out judges are not computed. Used to choose FK's settings before one run on the test prompts.
+
+    python benchmarks/fk_screen.py --configs diag --out runs/fk_screen/diag
+
+The screening set: ``--per-task`` records per task drawn round-robin from the training prompts (a task with fewer
+distinct prompts repeats them; every record has its own noise, record i from ``Generator(seed + i)``), seed 7000
+(not the test runs' 1000 / 2000). Every configuration runs at ``--budget`` NFE per prompt from the same seeds;
+``paired`` differences are against the best-of-N entry of the same reward (same prompts, same first noise).
+Writes ``OUT/results.json`` and ``OUT/report.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+R = {"shapeclip": "shapeclip", "judge": {"shapeworld": 1.0}}
+OLD = dict(resample_at=[4, 8, 12], potential="max", noise_level=0.7, sde_until=18, ess_threshold=1.0,
+           resampling="multinomial")  # the first test run's FK settings
+CONFIGS = {
+    # what does the sampler cost, what does the steering buy?
+    "diag": {
+        "bon_shapeclip": ("shapeclip", "best_of_n", {}),
+        "fk_sc_old": ("shapeclip", "fk", dict(OLD, lam=1.0)),
+        "fk_sc_lam0_eta0.7": ("shapeclip", "fk", dict(OLD, lam=0.0)),
+        "fk_sc_lam0_eta0.3": ("shapeclip", "fk", dict(OLD, lam=0.0, noise_level=0.3)),
+        "fk_sc_eta0.3": ("shapeclip", "fk", dict(OLD, lam=1.0, noise_level=0.3)),
+        "fk_sc_eta0.3_early": ("shapeclip", "fk", dict(OLD, lam=1.0, noise_level=0.3, resample_at=[2, 4, 6, 8])),
+        "fk_sc_sdefrom4": ("shapeclip", "fk", dict(OLD, lam=1.0, sde_from=4)),
+    },
+}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="diag", help=f"a set of configurations: {', '.join(CONFIGS)}, or a JSON "
+                    "file {name: [reward, method, options]}")
+    ap.add_argument("--per-task", type=int, default=40)
+    ap.add_argument("--budget", type=int, default=288)
+    ap.add_argument("--seed", type=int, default=7000)
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="shapeworld")
+    ap.add_argument("--out", default="runs/fk_screen")
+    return ap.parse_args(argv)
+
+
+def screening_metadata(per_task: int) -> list[dict]:
+    from flowalign.eval.benchmark import resolve_prompts
+    from flowalign.eval.geneval import load_metadata
+
+    by: dict[str, list[dict]] = {}
+    for m in load_metadata(resolve_prompts("shapeworld:train")):
+        by.setdefault(m["tag"], []).append(m)
+    return [ms[i % len(ms)] for ms in by.values() for i in range(per_task)]
+
+
+def train_verdicts(meta, images) -> list[dict]:
+    """The training judge's verdicts only (lenient and strict): the held-out judges stay unseen."""
+    from flowalign.eval.judges import verdicts
+
+    out = []
+    for m, img in zip(meta, images):
+        v = verdicts(m, img)
+        out.append({"train": bool(v["train"][0]), "train_strict": bool(v["train_strict"][0]),
+                    "partial": float(v["train"][1])})
+    return out
+
+
+def task_mean(tags, x) -> float:
+    by: dict[str, list[float]] = {}
+    for t, v in zip(tags, x):
+        by.setdefault(t, []).append(float(v))
+    return float(np.mean([np.mean(v) for v in by.values()]))
+
+
+def paired(tags, a, b) -> tuple[float, float]:
+    by: dict[str, list[float]] = {}
+    for t, x, y in zip(tags, a, b):
+        by.setdefault(t, []).append(float(x) - float(y))
+    se = [np.std(v, ddof=1) / math.sqrt(len(v)) for v in by.values()]
+    return float(np.mean([np.mean(v) for v in by.values()])), math.sqrt(sum(s * s for s in se)) / len(se)
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from diffusers.utils import logging as dlog
+
+    from flowalign import noise
+    from flowalign.pipelines.base import load_adapter
+    from flowalign.rewards import to_uint8
+    from flowalign.trainer import resolve_model_path
+
+    dlog.disable_progress_bar()
+    configs = CONFIGS[a.configs] if a.configs in CONFIGS else json.loads(Path(a.configs).read_text())
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = load_adapter(resolve_model_path(a.model))
+    meta = screening_metadata(a.per_task)
+    prompts, tags = [m["prompt"] for m in meta], [m["tag"] for m in meta]
+    rewards = {k: noise.resolve_reward(v) for k, v in R.items()}
+    recs = {}
+    for name, (rname, method, opts) in configs.items():
+        t0 = time.perf_counter()
+        res = noise.optimize(adapter, prompts, rewards[rname], method, a.budget, a.seed, metadata=meta,
+                             guidance=a.guidance, num_steps=a.steps, **opts)
+        v = train_verdicts(meta, to_uint8(res.images))
+        rec = {"reward_name": rname, "method": method, "options": opts, "nfe_per_prompt": res.nfe_per_prompt,
+               "seconds": time.perf_counter() - t0, "reward": [float(x) for x in res.rewards["reward"]],
+               "verdicts": v}
+        if "ess" in res.info:
+            rec["mean_ess"] = [float(np.mean(e)) for e in res.info["ess"]]
+            # distinct ancestors (initial noises) among each prompt's final particles
+            rec["final_particle_rewards"] = res.info["final_particle_rewards"]
+        recs[name] = rec
+        print(f"{name}: {rec['seconds']:.0f} s, reward {np.mean(rec['reward']):.3f}, train "
+              f"{task_mean(tags, [x['train'] for x in v]):.3f}, train strict "
+              f"{task_mean(tags, [x['train_strict'] for x in v]):.3f}", flush=True)
+    lines = [f"FK screening on ShapeWorld training prompts ({a.per_task} records per task, {len(meta)} in all), seed "
+             f"{a.seed}, budget {a.budget} NFE/prompt, CFG {a.guidance}, {a.steps} steps. Training judge only "
+             "(mean over tasks); Δ paired vs best-of-N with the same reward.", "",
+             "| config | reward | NFE | reward mean | train | train strict | Δ train vs BoN | Δ train strict vs BoN "
+             "| Δ reward vs BoN | mean ESS | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in recs.items():
+        ref = next((n for n, q in recs.items() if q["method"] == "best_of_n" and q["reward_name"] == r["reward_name"]),
+                   None)
+        cells = []
+        for key in ("train", "train_strict", "reward"):
+            if ref is None or ref == name:
+                cells.append("–")
+                continue
+            get = (lambda q: q["reward"]) if key == "reward" else (lambda q, k=key: [x[k] for x in q["verdicts"]])
+            dm, dse = paired(tags, get(r), get(recs[ref]))
+            cells.append(f"{dm:+.3f} ± {dse:.3f}")
+        ess = [round(e, 2) for e in r.get("mean_ess", [])]
+        lines.append(f"| {name} | {r['reward_name']} | {r['nfe_per_prompt']:.0f} | {np.mean(r['reward']):.3f} | "
+                     f"{task_mean(tags, [x['train'] for x in r['verdicts']]):.3f} | "
+                     f"{task_mean(tags, [x['train_strict'] for x in r['verdicts']]):.3f} | {cells[0]} | {cells[1]} | "
+                     f"{cells[2]} | {ess or '–'} | {r['seconds']:.0f} |")
+    lines += ["", "Options:", ""] + [f"- {n}: `{r['method']}` {json.dumps(r['options'])}" for n, r in recs.items()]
+    md = "\n".join(lines)
+    (out / "report.md").write_text(md + "\n")
+    (out / "results.json").write_text(json.dumps({"args": vars(a), "results": recs}))
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
