@@ -4,6 +4,7 @@ a model's benchmark images at several CFG scales.
 
 usage:
   python benchmarks/judge_agreement.py --gold-only                    # accuracy vs the gold set (seconds)
+  python benchmarks/judge_agreement.py --gold-only --v2               # ... and the training judge v1 vs v2
   python benchmarks/judge_agreement.py [--model shapeworld] [--trained RUN/final]
          [--prompts shapeworld:test,shapeworld:test_unseen] [--guidance 1.5,2,3] [--steps 20] [--n-per-task 100]
          [--out runs/judge_agreement]
@@ -20,6 +21,11 @@ from pathlib import Path
 from flowalign.eval.benchmark import TASK_ORDER
 from flowalign.eval.judges import AGREEMENT_PAIRS, GOLD_DIR, format_gold_table, gold_accuracy, load_gold
 
+V2_ROWS = ("train", "train_v2", "train_strict", "train_v2_strict")  # the training judge, version 1 next to 2
+SUBSETS = [("base model images only", lambda r: r["source"].startswith("base")),
+           ("trained model images only", lambda r: r["source"].startswith("trained")),
+           ("images not marked unsure", lambda r: not r["unsure"])]
+
 
 def gold_report(directory) -> str:
     recs, images = load_gold(directory)
@@ -27,13 +33,25 @@ def gold_report(directory) -> str:
            f"{sum(r['gold'] for r in recs)} correct by eye, {sum(r['unsure'] for r in recs)} marked unsure.", "",
            "<!-- gold-accuracy:begin -->", format_gold_table(gold_accuracy(recs, images)),
            "<!-- gold-accuracy:end -->"]
-    for name, keep in [("base model images only", lambda r: r["source"].startswith("base")),
-                       ("trained model images only", lambda r: r["source"].startswith("trained")),
-                       ("images not marked unsure", lambda r: not r["unsure"])]:
+    for name, keep in SUBSETS:
         sub = [k for k, r in enumerate(recs) if keep(r)]
         if sub and len(sub) < len(recs):
             out += ["", f"{name} (n = {len(sub)}):", "",
                     format_gold_table(gold_accuracy([recs[k] for k in sub], images[sub]))]
+    return "\n".join(out)
+
+
+def gold_report_v2(directory) -> str:
+    """The training judge's version 1 and version 2 (lenient, strict) against the gold set, all and per subset;
+    the first table is the one tests/test_judge_v2.py compares with docs/judging.md."""
+    recs, images = load_gold(directory)
+    out = ["<!-- gold-accuracy-v2:begin -->", format_gold_table(gold_accuracy(recs, images, v2=True), judges=V2_ROWS),
+           "<!-- gold-accuracy-v2:end -->"]
+    for name, keep in SUBSETS:
+        sub = [k for k, r in enumerate(recs) if keep(r)]
+        if sub and len(sub) < len(recs):
+            out += ["", f"{name} (n = {len(sub)}):", "",
+                    format_gold_table(gold_accuracy([recs[k] for k in sub], images[sub], v2=True), judges=V2_ROWS)]
     return "\n".join(out)
 
 
@@ -67,6 +85,7 @@ def main() -> int:
     ap.add_argument("--gold", default=str(GOLD_DIR))
     ap.add_argument("--gold-only", action="store_true")
     ap.add_argument("--no-gold", action="store_true")
+    ap.add_argument("--v2", action="store_true", help="also the training judge's version 2 against the gold set")
     ap.add_argument("--model", default="shapeworld")
     ap.add_argument("--trained", default=None)
     ap.add_argument("--prompts", default="shapeworld:test")
@@ -82,6 +101,9 @@ def main() -> int:
         if not a.no_gold:
             print("## Accuracy against the gold set\n")
             print(gold_report(a.gold), flush=True)
+            if a.v2:
+                print("\n## The training judge, version 1 and version 2, against the gold set\n")
+                print(gold_report_v2(a.gold), flush=True)
         if a.gold_only:
             return 0
         import torch

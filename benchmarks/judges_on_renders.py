@@ -1,5 +1,6 @@
 """The four ShapeWorld verdicts on clean renders, and on renders with Gaussian blur 0.5 + noise sigma 8 (the
-perturbation tests/test_shapeworld.py uses). usage: python benchmarks/judges_on_renders.py [--n 2400] [--n-noisy 600]"""
+perturbation tests/test_shapeworld.py uses). usage: python benchmarks/judges_on_renders.py [--n 2400] [--n-noisy 600]
+[--versions 1,2] (``--versions 1,2`` adds the training judge's version 2, ``train_v2`` and ``train_v2_strict``)"""
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,11 @@ from flowalign.eval.judges import JUDGES, summarize_judge, verdicts
 from flowalign.shapeworld.world import render_batch
 
 
-def table(imgs, metas) -> str:
-    v = [verdicts(m, im) for m, im in zip(metas, imgs)]
+def table(imgs, metas, v2: bool = False) -> str:
+    v = [verdicts(m, im, v2=v2) for m, im in zip(metas, imgs)]
     tags = [m["tag"] for m in metas]
     lines = ["| judge | " + " | ".join(TASK_ORDER) + " | overall |", "|---|" + "---|" * (len(TASK_ORDER) + 1)]
-    for j in ("heldout_strict", "heldout", "train_strict", "train"):
+    for j in ("heldout_strict", "heldout", "train_strict", "train") + (("train_v2_strict", "train_v2") if v2 else ()):
         s = summarize_judge(tags, [x[j][0] for x in v])
         lines.append(f"| {j} | " + " | ".join(f"{s['per_task'][t]:.3f}" for t in TASK_ORDER) + f" | **{s['overall']:.4f}** |")
     return "\n".join(lines)
@@ -26,16 +27,21 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2400)
     ap.add_argument("--n-noisy", type=int, default=600)
+    ap.add_argument("--versions", default="1", help="training judge versions: 1 or 1,2")
     a = ap.parse_args()
+    vers = {v.strip() for v in a.versions.split(",")}
+    if not vers <= {"1", "2"} or "1" not in vers:
+        ap.error(f"--versions must be 1 or 1,2, got {a.versions!r}")
+    v2 = "2" in vers
     imgs, metas = render_batch(a.n, seed=123)
-    print(f"clean renders (render_batch({a.n}, seed=123)):\n\n{table(imgs, metas)}\n")
+    print(f"clean renders (render_batch({a.n}, seed=123)):\n\n{table(imgs, metas, v2)}\n")
     rng = np.random.default_rng(0)
     imgs, metas = render_batch(a.n_noisy, seed=7)
     noisy = []
     for im in imgs:
         b = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.5)))
         noisy.append(np.clip(b.astype(np.float32) + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
-    print(f"blur 0.5 + noise 8 (render_batch({a.n_noisy}, seed=7)):\n\n{table(noisy, metas)}")
+    print(f"blur 0.5 + noise 8 (render_batch({a.n_noisy}, seed=7)):\n\n{table(noisy, metas, v2)}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ judge and its strict verdict, with standard errors and per-image agreement.
 - ``heldout_strict``: its strict verdict. **The headline judge** (``HEADLINE``): gains are reported on it, the
   others stand beside it.
 
+``V2_JUDGES`` (``train_v2``, ``train_v2_strict``): the training judge's version 2 (``shapeworld.detector_v2``, the
+``shapeworld`` reward with ``version: 2``), lenient and strict. Not part of ``evaluate``'s verdicts; ``verdicts``
+and ``gold_accuracy`` give them with ``v2=True`` (``benchmarks/judge_agreement.py --gold-only``).
+
 Standard errors: binomial per task, ``sqrt(p (1 - p) / n)``; the overall score is the unweighted mean of the
 tasks, so its SE is ``sqrt(sum_t se_t^2) / n_tasks``. Agreement between two judges is the fraction of images on
 which their verdicts are equal, per task and overall (the unweighted mean of the tasks, like the scores).
@@ -24,19 +28,28 @@ import numpy as np
 from .geneval import judge
 
 JUDGES = ("train", "train_strict", "heldout", "heldout_strict")
+V2_JUDGES = ("train_v2", "train_v2_strict")
+GOLD_ROWS = ("heldout_strict", "heldout", "train_strict", "train")  # format_gold_table's default rows
 HEADLINE = "heldout_strict"
 AGREEMENT_PAIRS = (("train", "heldout"), ("train_strict", "heldout_strict"), ("train", "train_strict"),
                    ("heldout", "heldout_strict"))
 
 
-def verdicts(meta: dict, img) -> dict[str, tuple[bool, float]]:
-    """(correct, partial) of one image under every judge (one detection pass per detector)."""
+def verdicts(meta: dict, img, v2: bool = False) -> dict[str, tuple[bool, float]]:
+    """(correct, partial) of one image under every judge (one detection pass per detector); ``v2`` adds
+    ``V2_JUDGES``."""
     from flowalign.shapeworld import detector, geometry_judge
 
     img = np.asarray(img)
     d, g = detector.detect(img), geometry_judge.detect(img)
-    return {"train": judge(meta, d), "train_strict": judge(meta, d, strict=True),
-            "heldout": judge(meta, g), "heldout_strict": judge(meta, g, strict=True)}
+    out = {"train": judge(meta, d), "train_strict": judge(meta, d, strict=True),
+           "heldout": judge(meta, g), "heldout_strict": judge(meta, g, strict=True)}
+    if v2:
+        from flowalign.shapeworld import detector_v2
+
+        d2 = detector_v2.detect(img)
+        out.update(train_v2=judge(meta, d2), train_v2_strict=judge(meta, d2, strict=True))
+    return out
 
 
 def summarize_judge(tags: Sequence[str], correct: Sequence[bool]) -> dict:
@@ -103,12 +116,13 @@ def load_gold(directory=GOLD_DIR) -> tuple[list[dict], np.ndarray]:
     return recs, images
 
 
-def gold_accuracy(records: Sequence[dict], images: Sequence) -> dict:
+def gold_accuracy(records: Sequence[dict], images: Sequence, v2: bool = False) -> dict:
     """Each judge's agreement with the hand verdicts: per task, overall (unweighted mean of the tasks), the number
-    of images, false accepts (judge yes, gold no) and false refusals (judge no, gold yes)."""
-    rows = [verdicts(r["metadata"], im) for r, im in zip(records, images)]
+    of images, false accepts (judge yes, gold no) and false refusals (judge no, gold yes). ``v2`` adds
+    ``V2_JUDGES``."""
+    rows = [verdicts(r["metadata"], im, v2=v2) for r, im in zip(records, images)]
     out = {}
-    for j in JUDGES:
+    for j in JUDGES + (V2_JUDGES if v2 else ()):
         by: dict[str, list[bool]] = {}
         fa = fr = 0
         for r, v in zip(records, rows):
@@ -122,15 +136,15 @@ def gold_accuracy(records: Sequence[dict], images: Sequence) -> dict:
     return out
 
 
-def format_gold_table(acc: dict, tasks: Sequence[str] | None = None) -> str:
-    """Markdown table of ``gold_accuracy``: one row per judge (headline first), accuracy per task and overall, then
-    false accepts and false refusals out of n."""
+def format_gold_table(acc: dict, tasks: Sequence[str] | None = None, judges: Sequence[str] = GOLD_ROWS) -> str:
+    """Markdown table of ``gold_accuracy``: one row per judge of ``judges`` (default: the four, headline first),
+    accuracy per task and overall, then false accepts and false refusals out of n."""
     from .benchmark import TASK_ORDER
 
     tasks = [t for t in (tasks or TASK_ORDER) if t in acc["train"]["per_task"]]
     lines = ["| judge | " + " | ".join(tasks) + " | overall | false accepts | false refusals | n |",
              "|---|" + "---|" * (len(tasks) + 4)]
-    for j in ("heldout_strict", "heldout", "train_strict", "train"):
+    for j in judges:
         a = acc[j]
         lines.append(f"| {j} | " + " | ".join(f"{a['per_task'][t]:.3f}" for t in tasks)
                      + f" | **{a['overall']:.3f}** | {a['false_accept']} | {a['false_refuse']} | {a['n']} |")
