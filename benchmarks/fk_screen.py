@@ -36,6 +36,45 @@ CONFIGS = {
         "fk_sc_sdefrom4": ("shapeclip", "fk", dict(OLD, lam=1.0, sde_from=4)),
     },
 }
+NEW = dict(OLD, sde_from=4)  # diag's best on its own reward: ODE until the first resampling step
+CONFIGS["round2"] = {
+    "bon_shapeclip": CONFIGS["diag"]["bon_shapeclip"],
+    "fk_sc_sdefrom4": CONFIGS["diag"]["fk_sc_sdefrom4"],
+    "fk_sc_sdefrom4_lam0.3": ("shapeclip", "fk", dict(NEW, lam=0.3)),
+    "fk_sc_sdefrom4_difference": ("shapeclip", "fk", dict(NEW, lam=1.0, potential="difference")),
+    "fk_sc_sdefrom6_late": ("shapeclip", "fk", dict(NEW, lam=1.0, resample_at=[6, 10, 14], sde_from=6)),
+    "fk_sc_sdefrom4_ess0.5": ("shapeclip", "fk", dict(NEW, lam=1.0, ess_threshold=0.5)),
+    "bon_judge": ("judge", "best_of_n", {}),
+    "fk_judge_old": ("judge", "fk", dict(OLD, lam=10.0)),
+    "fk_judge_sdefrom4": ("judge", "fk", dict(NEW, lam=10.0)),
+}
+# the rule fixed before round 2 ran: per potential, the FK configuration of diag + round2 with the largest paired
+# gain over best-of-N (same reward) in the training judge's strict verdict; ties (within 0.005) by the lenient one.
+# lam = 0 entries (no steering: the sampler's cost alone) are diagnostics, not candidates
+
+
+def select(dirs: list[Path]) -> dict:
+    recs, tags = {}, None
+    for d in dirs:
+        res = json.loads((d / "results.json").read_text())
+        recs.update(res["results"])
+        tags = tags or [m["tag"] for m in screening_metadata(res["args"]["per_task"])]
+    chosen = {}
+    for rname in R:
+        ref = next((n for n, q in recs.items() if q["method"] == "best_of_n" and q["reward_name"] == rname), None)
+        if ref is None:
+            continue
+        score = {}
+        for n, q in recs.items():
+            if q["method"] != "fk" or q["reward_name"] != rname or q["options"].get("lam") == 0:
+                continue
+            d = [paired(tags, [x[k] for x in q["verdicts"]], [x[k] for x in recs[ref]["verdicts"]])[0]
+                 for k in ("train_strict", "train")]
+            score[n] = (round(d[0] / 0.005), d[1], d[0])
+        best = max(score, key=score.get)
+        chosen[rname] = {"config": best, "options": recs[best]["options"], "delta_train_strict": score[best][2],
+                         "delta_train": score[best][1]}
+    return chosen
 
 
 def parse(argv=None):
@@ -50,6 +89,10 @@ def parse(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default="shapeworld")
     ap.add_argument("--out", default="runs/fk_screen")
+    ap.add_argument("--reuse", default=None, help="comma-separated earlier OUT dirs: an entry with the same name "
+                    "and settings is taken from there instead of rerun")
+    ap.add_argument("--select", default=None, help="only: apply the selection rule (select()) to the comma-"
+                    "separated OUT dirs' results and write OUT/chosen.json")
     return ap.parse_args(argv)
 
 
@@ -103,15 +146,28 @@ def main(argv=None) -> int:
     from flowalign.trainer import resolve_model_path
 
     dlog.disable_progress_bar()
-    configs = CONFIGS[a.configs] if a.configs in CONFIGS else json.loads(Path(a.configs).read_text())
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.select:
+        chosen = select([Path(d) for d in a.select.split(",")])
+        (out / "chosen.json").write_text(json.dumps(chosen, indent=1))
+        print(json.dumps(chosen, indent=1))
+        return 0
+    configs = CONFIGS[a.configs] if a.configs in CONFIGS else json.loads(Path(a.configs).read_text())
+    reuse = {}
+    for d in (a.reuse.split(",") if a.reuse else []):
+        reuse.update(json.loads((Path(d) / "results.json").read_text())["results"])
     adapter = load_adapter(resolve_model_path(a.model))
     meta = screening_metadata(a.per_task)
     prompts, tags = [m["prompt"] for m in meta], [m["tag"] for m in meta]
     rewards = {k: noise.resolve_reward(v) for k, v in R.items()}
     recs = {}
     for name, (rname, method, opts) in configs.items():
+        q = reuse.get(name)
+        if q is not None and (q["reward_name"], q["method"], q["options"]) == (rname, method, opts):
+            recs[name] = dict(q, reused=True)  # the same prompts, seeds and settings: the same result
+            print(f"{name}: reused", flush=True)
+            continue
         t0 = time.perf_counter()
         res = noise.optimize(adapter, prompts, rewards[rname], method, a.budget, a.seed, metadata=meta,
                              guidance=a.guidance, num_steps=a.steps, **opts)

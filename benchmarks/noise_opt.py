@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-ALL = ("base", "bon_shapeclip", "reno_shapeclip", "reno_shapeclip_artifact", "carinox", "fk_judge",
-       "fk_shapeclip", "bon_judge")
+DEFAULT = ("base", "bon_shapeclip", "reno_shapeclip", "reno_shapeclip_artifact", "carinox", "fk_judge",
+           "fk_shapeclip", "bon_judge")
+TUNED = ("fk_judge_tuned", "fk_shapeclip_tuned")  # FK with the settings chosen on training prompts (--fk-tuned)
+ALL = DEFAULT[:7] + TUNED + DEFAULT[7:]
 LABELS = {
     "base": "base sampling (ODE)",
     "bon_shapeclip": "best-of-N, shapeclip verifier",
@@ -39,6 +41,8 @@ LABELS = {
     "fk_judge": "FK steering, exact judge potential",
     "fk_shapeclip": "FK steering, shapeclip potential",
     "bon_judge": "best-of-N, exact training judge (ceiling)",
+    "fk_judge_tuned": "FK steering, exact judge potential, tuned on training prompts",
+    "fk_shapeclip_tuned": "FK steering, shapeclip potential, tuned on training prompts",
 }
 CANDIDATES = {"shapeclip": "shapeclip", "artifact": "artifact"}  # + "shapeclip+artifact" (built from args)
 
@@ -47,7 +51,10 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n-per-task", type=int, default=100)
     ap.add_argument("--budget", type=int, default=288, help="NFE per prompt of every method but base")
-    ap.add_argument("--methods", default=",".join(ALL))
+    ap.add_argument("--methods", default=",".join(DEFAULT), help=f"comma-separated, of {', '.join(ALL)} (the "
+                    "*_tuned ones need --fk-tuned)")
+    ap.add_argument("--fk-tuned", default=None, help="chosen.json of benchmarks/fk_screen.py --select: the FK "
+                    "options per potential (shapeclip, judge) for the *_tuned entries")
     ap.add_argument("--split", default="test", choices=("test", "train"))
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--guidance", type=float, default=3.0)
@@ -90,7 +97,8 @@ def spec(name, a):
     # the FK settings of the first run (seed 1000), every option explicit so that a change of noise.py's defaults
     # cannot change them
     fk = dict(noise_level=a.fk_noise, potential=a.fk_potential, resample_at=[4, 8, 12], sde_until=a.steps - 2,
-              ess_threshold=1.0, resampling="multinomial")
+              ess_threshold=1.0, resampling="multinomial", sde_from=0)
+    tuned = json.loads(Path(a.fk_tuned).read_text()) if a.fk_tuned else {}
     return {
         "base": ("best_of_n", "shapeclip", dict(n=1)),
         "bon_shapeclip": ("best_of_n", "shapeclip", {}),
@@ -100,6 +108,8 @@ def spec(name, a):
         "fk_judge": ("fk", {"shapeworld": 1.0}, dict(fk, lam=a.fk_lam_judge)),
         "fk_shapeclip": ("fk", "shapeclip", dict(fk, lam=a.fk_lam_shapeclip)),
         "bon_judge": ("best_of_n", {"shapeworld": 1.0}, {}),
+        "fk_judge_tuned": ("fk", {"shapeworld": 1.0}, tuned.get("judge", {}).get("options")),
+        "fk_shapeclip_tuned": ("fk", "shapeclip", tuned.get("shapeclip", {}).get("options")),
     }[name]
 
 
@@ -237,7 +247,8 @@ def report(a, recs: dict) -> str:
         J = r["judges"]["train"]
         lines.append(f"| {name} | " + " | ".join(f"{J['per_task'].get(t, float('nan')):.2f}" for t in TASK_ORDER)
                      + " |")
-    pairs = [("fk_shapeclip", "bon_shapeclip"), ("fk_judge", "bon_judge"), ("carinox", "bon_shapeclip"),
+    pairs = [("fk_shapeclip", "bon_shapeclip"), ("fk_judge", "bon_judge"), ("fk_shapeclip_tuned", "bon_shapeclip"),
+             ("fk_judge_tuned", "bon_judge"), ("fk_shapeclip_tuned", "fk_shapeclip"), ("fk_judge_tuned", "fk_judge"), ("carinox", "bon_shapeclip"),
              ("carinox", "reno_shapeclip"), ("reno_shapeclip", "bon_shapeclip"),
              ("reno_shapeclip_artifact", "reno_shapeclip")]
     pairs = [(x, y) for x, y in pairs if x in recs and y in recs]
@@ -267,7 +278,7 @@ def report(a, recs: dict) -> str:
     for name, r in recs.items():
         info = r["info"] if isinstance(r["info"], dict) else r["info"][0]
         keep = {k: info[k] for k in ("n", "iterations", "sampler_steps", "lr", "checkpointing", "n_explore", "top_k",
-                                     "particles", "resample_at", "potential", "lam", "noise_level", "sde_until",
+                                     "particles", "resample_at", "potential", "lam", "noise_level", "sde_from", "sde_until",
                                      "resampling", "ess_threshold") if k in info}
         extra = ""
         if "mean_ess" in info:
@@ -330,6 +341,9 @@ def main(argv=None) -> int:
     if bad:
         print(f"noise_opt: unknown method(s) {bad}; known: {', '.join(ALL)}", file=sys.stderr)
         return 2
+    if any(m in TUNED for m in names) and not a.fk_tuned:
+        print(f"noise_opt: {', '.join(m for m in names if m in TUNED)} need --fk-tuned FILE", file=sys.stderr)
+        return 2
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
     args = [x for x in (argv if argv is not None else sys.argv[1:])]
     t0 = time.perf_counter()
@@ -343,7 +357,8 @@ def main(argv=None) -> int:
             print(f"noise_opt: {name} failed (exit {r.returncode})", file=sys.stderr)
             return r.returncode
         print(f"{name}: {time.perf_counter() - t:.0f} s (total {time.perf_counter() - t0:.0f} s)", flush=True)
-    recs = {n: json.loads((out / f"{n}.json").read_text()) for n in names if (out / f"{n}.json").is_file()}
+    # the report covers every entry of OUT (a later --methods run adds to it)
+    recs = {n: json.loads((out / f"{n}.json").read_text()) for n in ALL if (out / f"{n}.json").is_file()}
     md = report(a, recs)
     (out / "report.md").write_text(md + "\n")
     (out / "results.json").write_text(json.dumps({"args": vars(a), "results": recs}, default=float))
