@@ -23,6 +23,15 @@ def table(imgs, metas, v2: bool = False) -> str:
     return "\n".join(lines)
 
 
+def share_line(imgs) -> str:
+    """The colour share (``detector_v2``) of every detection: the basis of ``STRICT_V2["share"]``."""
+    from flowalign.shapeworld import detector_v2
+
+    sh = np.array([d.share for im in imgs for d in detector_v2.detect(im)])
+    return (f"train_v2 colour share over {len(sh)} detections: min {sh.min():.3f}, 1st percentile "
+            f"{np.percentile(sh, 1):.3f} (threshold {detector_v2.STRICT_V2['share']})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2400)
@@ -35,6 +44,8 @@ def main():
     v2 = "2" in vers
     imgs, metas = render_batch(a.n, seed=123)
     print(f"clean renders (render_batch({a.n}, seed=123)):\n\n{table(imgs, metas, v2)}\n")
+    if v2:
+        print(share_line(imgs) + "\n")
     rng = np.random.default_rng(0)
     imgs, metas = render_batch(a.n_noisy, seed=7)
     noisy = []
@@ -42,6 +53,8 @@ def main():
         b = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.5)))
         noisy.append(np.clip(b.astype(np.float32) + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
     print(f"blur 0.5 + noise 8 (render_batch({a.n_noisy}, seed=7)):\n\n{table(noisy, metas, v2)}")
+    if v2:
+        print("\n" + share_line(noisy))
 
 
 if __name__ == "__main__":
