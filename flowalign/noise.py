@@ -32,12 +32,13 @@ Methods (``METHODS``):
   (``metadata[i][category_key]``, default the GenEval ``tag``) to its reward (``select_rewards`` chooses them by
   rank correlation with a judge on calibration prompts); other categories use ``rewards``.
 - ``fk`` (Feynman-Kac steering; ``particles``, ``resample_at``, ``potential`` "max" | "difference" | "sum",
-  ``lam`` 10, ``resampling`` "multinomial" | "systematic", ``ess_threshold`` 1.0, ``noise_level`` 0.7, ``sde_until``): K
-  particles per prompt sampled together with the flow SDE (steps 0..sde_until, default all but the last, which is
-  an ODE step so that no noise is left in the image); at the resampling steps each particle's predicted clean image
-  ``x - sigma * v`` is decoded and scored, log-weights grow by the log-potential (max: lam * max of the particle's
-  rewards so far; sum: lam * their sum; difference: lam * (r_t - r_previous)), and when the effective sample size
-  ``1 / sum w^2`` falls below ``ess_threshold * K`` the particles are resampled (weights reset). The best final
+  ``lam`` 10, ``resampling`` "multinomial" | "systematic", ``ess_threshold`` 1.0, ``noise_level`` 0.7, ``sde_from``
+  "first_resample", ``sde_until``): K particles per prompt sampled together, with ODE steps before ``sde_from``
+  (default the first resampling step: until then the particles are distinct without noise) and the flow SDE from
+  there to ``sde_until`` (default all but the last, which is an ODE step so that no noise is left in the image);
+  at the resampling steps each particle's predicted clean image ``x - sigma * v`` is decoded and scored,
+  log-weights grow by the log-potential (max: lam * max of the particle's rewards so far; sum: lam * their sum;
+  difference: lam * (r_t - r_previous)), and when the effective sample size ``1 / sum w^2`` falls below ``ess_threshold * K`` the particles are resampled (weights reset). The best final
   particle by reward is returned. Gradient-free: any reward (the exact judge, OCR, a detector).
 
 ``callback(progress)`` (optional) is told after every unit of work: each best-of-N candidate, each ReNO / CARINOX
@@ -892,8 +893,10 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         eta = _positive_float("noise_level", o.pop("noise_level", 0.7), allow_zero=True)
         until = o.pop("sde_until", None)
         until = num_steps - 2 if until is None else int(until)  # the last step to sigma 0 is an ODE step
-        sde_from = o.pop("sde_from", 0)
-        sde_from = min(ra) if sde_from == "first_resample" else int(sde_from)
+        # before the first resampling step the particles are distinct already: ODE steps there (measured on
+        # training prompts: with SDE steps there steering bought nothing on its own reward; docs/noise.md)
+        sde_from = o.pop("sde_from", "first_resample")
+        sde_from = (min(ra) if ra else 0) if sde_from == "first_resample" else int(sde_from)
         fk_opts = dict(resample_at=[int(i) for i in ra], potential=potential,
                        lam=_positive_float("lam", o.pop("lam", 10.0), allow_zero=True), resampling=resampling,
                        ess_threshold=ess, noise_level=eta, sde_until=until, sde_from=sde_from)

@@ -212,6 +212,32 @@ def test_fk_without_noise_or_potential_is_best_of_n(tiny_adapter, shapeclip):
     assert not torch.allclose(late.images, bon.images, atol=1e-3)
 
 
+def test_fk_sde_starts_at_the_first_resampling_step_by_default(tiny_adapter, shapeclip):
+    # one particle, lam 0, 4 steps, resampling at step 2: ODE steps 0 and 1, the SDE step 2 (sde_until = 4 - 2),
+    # the ODE step 3 -- rebuilt by hand from the same noises
+    from flowalign import samplers, seeding
+
+    P = SHAPECLIP_PROMPTS[:1]
+    fk = optimize(tiny_adapter, P, shapeclip, "fk", particles=1, lam=0.0, resample_at=[2], num_steps=4, seed=6)
+    assert fk.info["sde_from"] == 2 and fk.info["sde_until"] == 2
+    sig = tiny_adapter.schedule(4)
+    cond = tiny_adapter.encode(P, negative="")
+    x = tiny_adapter.init_noise(1, torch.Generator().manual_seed(6))
+    g = seeding.generator(6, "noise/fk", 0)
+    with torch.no_grad():
+        for i in range(4):
+            v = tiny_adapter.predict(x, sig[i], cond, 3.0)
+            if i == 2:
+                eps = torch.randn((1, *x.shape[1:]), generator=g)
+                x = samplers.flow_sde_step(x, v, sig[i], sig[i + 1], 0.7, sigma_cap=float(sig[1]), noise=eps).next
+            else:
+                x = samplers.ode_step(x, v, sig[i], sig[i + 1]).next
+    assert torch.allclose(fk.latents, x, atol=1e-5)
+    old = optimize(tiny_adapter, P, shapeclip, "fk", particles=1, lam=0.0, resample_at=[2], num_steps=4, seed=6,
+                   sde_from=0)  # SDE steps 0..2: another sample
+    assert not torch.allclose(old.latents, x, atol=1e-3)
+
+
 def test_checkpointing_changes_the_cost_not_the_result(tiny_adapter, shapeclip):
     kw = dict(iterations=3, num_steps=3, sampler_steps=2, seed=2)
     a = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "reno", checkpointing=False, **kw)
