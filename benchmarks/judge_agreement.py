@@ -19,7 +19,13 @@ import sys
 from pathlib import Path
 
 from flowalign.eval.benchmark import TASK_ORDER
-from flowalign.eval.judges import AGREEMENT_PAIRS, GOLD_DIR, format_gold_table, gold_accuracy, load_gold
+from flowalign.eval.judges import (
+    AGREEMENT_PAIRS,
+    GOLD_DIR,
+    format_gold_table,
+    gold_accuracy,
+    load_gold,
+)
 
 V2_ROWS = ("train", "train_v2", "train_strict", "train_v2_strict")  # the training judge, version 1 next to 2
 SUBSETS = [("base model images only", lambda r: r["source"].startswith("base")),
@@ -107,10 +113,16 @@ def main() -> int:
         if a.gold_only:
             return 0
         import torch
-
-        from flowalign.eval.benchmark import evaluate, format_judges_table, resolve_prompts, save_audit_grid, subsample
+        from flowalign.eval.benchmark import (
+            evaluate,
+            format_judges_table,
+            resolve_prompts,
+            save_audit_grid,
+            subsample,
+        )
         from flowalign.eval.geneval import load_metadata
         from flowalign.pipelines.base import load_adapter
+
         from flowalign.shapeworld import MODEL_DIR
 
         torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -11,8 +11,8 @@ drawn between two palette colours is one object): ``rewards: {shapeworld: {weigh
 from __future__ import annotations
 
 import torch
-
 from flowalign.eval.geneval import judge
+
 from flowalign.shapeworld import detector, detector_v2
 
 from .base import Reward, register, to_uint8

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
-
 from flowalign.eval.geneval import judge
 from flowalign.eval.judges import summarize_judge
+from PIL import Image, ImageDraw, ImageFilter
+
 from flowalign.shapeworld import detector, detector_v2
 from flowalign.shapeworld.world import BACKGROUND, COLORS, make_metadata, render_batch
 
@@ -76,7 +76,7 @@ def test_v2_single_fragments_get_version_1s_detections():
     # a render's objects are single fragments: version 2 finds version 1's shapes, colours and scores
     imgs, _ = render_batch(60, seed=5)
     for im in imgs:
-        key = lambda d: (d.cls, d.color, d.score, d.bbox)  # noqa: E731
+        key = lambda d: (d.cls, d.color, d.score, d.bbox)
         assert sorted(map(key, detector_v2.detect(im))) == sorted(map(key, detector.detect(im)))
 
 
@@ -140,12 +140,17 @@ def test_v2_gold_set_accuracy_is_what_docs_judging_md_says():
         from judge_agreement import V2_ROWS
     finally:
         sys.path.pop(0)
-    from flowalign.eval.judges import GOLD_DIR, format_gold_table, gold_accuracy, load_gold
+    from flowalign.eval.judges import (
+        GOLD_DIR,
+        format_gold_table,
+        gold_accuracy,
+        load_gold,
+    )
 
     recs, images = load_gold(GOLD_DIR)
     acc = gold_accuracy(recs, images, v2=True)
     doc = (ROOT / "docs" / "judging.md").read_text()
-    m = re.search(r"<!-- gold-accuracy-v2:begin -->\n(.*?)\n<!-- gold-accuracy-v2:end -->", doc, re.S)
+    m = re.search(r"<!-- gold-accuracy-v2:begin -->\n(.*?)\n<!-- gold-accuracy-v2:end -->", doc, re.DOTALL)
     assert m, "docs/judging.md has no gold-accuracy-v2 table"
     assert m.group(1) == format_gold_table(acc, judges=V2_ROWS)
     # what the docs claim: version 2 refuses fewer correct images than version 1, lenient and strict
@@ -157,7 +162,6 @@ def test_v2_gold_set_accuracy_is_what_docs_judging_md_says():
 # ------------------------------------------------------------------------------------------ reward option
 def test_reward_version_option():
     import torch
-
     from flowalign.rewards import build_reward, build_rewards
 
     circle = make_metadata("single_object", shape="circle")
