@@ -23,7 +23,9 @@ import numpy as np
 
 R = {"shapeclip": "shapeclip", "judge": {"shapeworld": 1.0}}
 OLD = dict(resample_at=[4, 8, 12], potential="max", noise_level=0.7, sde_until=18, ess_threshold=1.0,
-           resampling="multinomial")  # the first test run's FK settings
+           resampling="multinomial", sde_from=0)  # the first test run's FK settings
+# (round 2 ran before sde_from=0 was written here: its "fk_judge_old" got the new default sde_from=4 and is the
+# same run as "fk_judge_sdefrom4"; diag ran while the default was still 0, so its entries are as named)
 CONFIGS = {
     # what does the sampler cost, what does the steering buy?
     "diag": {
