@@ -141,10 +141,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(a.threads)
     from diffusers.utils import logging as dlog
-
-    from flowalign import noise
     from flowalign.pipelines.base import load_adapter
     from flowalign.rewards import to_uint8
+
+    from flowalign import noise
     from flowalign.trainer import resolve_model_path
 
     dlog.disable_progress_bar()

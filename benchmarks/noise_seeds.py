@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from noise_opt import ALL, LABELS, paired  # noqa: E402
+from noise_opt import ALL, LABELS, paired
 
 H = "heldout_strict"
 
