@@ -6,11 +6,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-from PIL import Image, ImageFilter
 
 from flowalign.eval.benchmark import TASK_ORDER
-from flowalign.eval.judges import JUDGES, summarize_judge, verdicts
-from flowalign.shapeworld.world import render_batch
+from flowalign.eval.judges import summarize_judge, verdicts
+from flowalign.shapeworld.world import blur_and_noise, render_batch
 
 
 def table(imgs, metas, v2: bool = False) -> str:
@@ -46,12 +45,8 @@ def main():
     print(f"clean renders (render_batch({a.n}, seed=123)):\n\n{table(imgs, metas, v2)}\n")
     if v2:
         print(share_line(imgs) + "\n")
-    rng = np.random.default_rng(0)
     imgs, metas = render_batch(a.n_noisy, seed=7)
-    noisy = []
-    for im in imgs:
-        b = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.5)))
-        noisy.append(np.clip(b.astype(np.float32) + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
+    noisy = blur_and_noise(imgs)
     print(f"blur 0.5 + noise 8 (render_batch({a.n_noisy}, seed=7)):\n\n{table(noisy, metas, v2)}")
     if v2:
         print("\n" + share_line(noisy))

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from flowalign.eval.geneval import judge
 from flowalign.eval.judges import summarize_judge
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from flowalign.shapeworld import detector, detector_v2
-from flowalign.shapeworld.world import BACKGROUND, COLORS, make_metadata, render_batch
+from flowalign.shapeworld.world import BACKGROUND, COLORS, blur_and_noise, make_metadata, render_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 128  # drawn at 4 x 32 px, box-downsampled as the renderer does
@@ -63,12 +63,8 @@ def test_v2_is_right_on_clean_renders():
 
 
 def test_v2_survives_noise_and_blur():
-    rng = np.random.default_rng(0)
     imgs, metas = render_batch(600, seed=7)
-    noisy = []
-    for im in imgs:
-        b = np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.5)))
-        noisy.append(np.clip(b.astype(np.float32) + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
+    noisy = blur_and_noise(imgs)
     assert np.mean([judge(m, detector_v2.detect(im))[0] for m, im in zip(metas, noisy)]) >= 0.95
 
 

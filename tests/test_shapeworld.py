@@ -7,7 +7,7 @@ import pytest
 from flowalign.eval.geneval import MetadataError, judge, load_metadata, score_images, validate_metadata
 from flowalign.shapeworld import prompts as P
 from flowalign.shapeworld.detector import Detection, detect
-from flowalign.shapeworld.world import TASKS, make_metadata, render, render_batch
+from flowalign.shapeworld.world import TASKS, blur_and_noise, make_metadata, render, render_batch
 
 
 @pytest.mark.parametrize("name", ["train", "test", "test_unseen"])
@@ -81,13 +81,8 @@ def test_detector_is_right_on_thousands_of_renders():
 
 
 def test_detector_survives_noise_and_blur():
-    from PIL import ImageFilter
-    rng = np.random.default_rng(0)
     imgs, metas = render_batch(600, seed=7)
-    noisy = []
-    for im in imgs:
-        b = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(im).filter(ImageFilter.GaussianBlur(0.5)))
-        noisy.append(np.clip(b.astype(np.float32) + rng.normal(0, 8, b.shape), 0, 255).astype(np.uint8))
+    noisy = blur_and_noise(imgs)
     res = score_images(metas, noisy)
     assert np.mean([r["correct"] for r in res["per_image"]]) >= 0.95, res["per_task"]
 
