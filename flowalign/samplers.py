@@ -156,6 +156,20 @@ def cps_step(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: f
     return StepOutput(next=next_x, mean=mean, std=std, log_prob=lp)
 
 
+def velocity_kernel_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, i: int, noise_level: float,
+                         kernel: str, family: str, kernels, noise: torch.Tensor | None = None,
+                         next_x: torch.Tensor | None = None, noise_block: int = 1) -> StepOutput:
+    """A stochastic step sigma_i -> sigma_{i+1} from a velocity by one of the flow kernels: ``cps`` or ``sde``
+    (Flow-GRPO's, its std capped at sigma_1). What every adapter's ``step`` shares once its own cases (ODE, DDIM)
+    are handled; any other kernel is refused with the family's list of ``kernels``."""
+    if kernel == "cps":
+        return cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
+    if kernel != "sde":
+        raise ValueError(f"unknown kernel {kernel!r} for {family}: one of {', '.join(kernels)}")
+    return flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]), noise=noise,
+                         next_x=next_x, noise_block=noise_block)
+
+
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, alpha_bar, alpha_bar_prev, eta: float,
               noise: torch.Tensor | None = None, next_x: torch.Tensor | None = None, reduce: str = "mean") -> StepOutput:
     """DDIM (Song et al.) for epsilon prediction: x0 = (x - sqrt(1-a) eps)/sqrt(a),

@@ -385,9 +385,5 @@ class DDPMFlowSteps:
             return samplers.ddim_flow_step(x0, eps, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x,
                                            alpha_bar=ab, alpha_bar_next=abp)
         v = eps - x0
-        if kernel == "cps":
-            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
-        if kernel != "sde":
-            raise ValueError(f"unknown kernel {kernel!r}: one of {self.kernels}")
-        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
-                                      noise=noise, next_x=next_x, noise_block=noise_block)
+        return samplers.velocity_kernel_step(x, v, sigmas, i, noise_level, kernel, self.family, self.kernels,
+                                             noise=noise, next_x=next_x, noise_block=noise_block)

@@ -198,17 +198,13 @@ class FluxAdapter(DenoiserTraining):
         v = self.predict(x, sigmas[i], cond, guidance, module=module, cfg_grad=cfg_grad)
         if noise_level == 0:
             return samplers.ode_step(x, v, sigmas[i], sigmas[i + 1])
-        if kernel == "cps":
-            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
         if kernel == "ddim":
             s = samplers._bc(sigmas[i], x.float())
             xf = x.float()
             return samplers.ddim_flow_step(xf - s * v, xf + (1 - s) * v, sigmas[i], sigmas[i + 1], noise_level,
                                            noise=noise, next_x=next_x)
-        if kernel != "sde":
-            raise ValueError(f"unknown kernel {kernel!r}: one of {self.kernels}")
-        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
-                                      noise=noise, next_x=next_x, noise_block=noise_block)
+        return samplers.velocity_kernel_step(x, v, sigmas, i, noise_level, kernel, "FLUX", self.kernels, noise=noise,
+                                             next_x=next_x, noise_block=noise_block)
 
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         cfg = self.vae.config

@@ -148,12 +148,8 @@ class SD3Adapter:
         v = self.predict(x, sigmas[i], cond, guidance, module=module, cfg_grad=cfg_grad)
         if noise_level == 0:
             return samplers.ode_step(x, v, sigmas[i], sigmas[i + 1])
-        if kernel == "cps":
-            return samplers.cps_step(x, v, sigmas[i], sigmas[i + 1], noise_level, noise=noise, next_x=next_x)
-        if kernel != "sde":
-            raise ValueError(f"unknown kernel {kernel!r} for SD3: one of {', '.join(self.kernels)}")
-        return samplers.flow_sde_step(x, v, sigmas[i], sigmas[i + 1], noise_level, sigma_cap=float(sigmas[1]),
-                                      noise=noise, next_x=next_x, noise_block=noise_block)
+        return samplers.velocity_kernel_step(x, v, sigmas, i, noise_level, kernel, "SD3", self.kernels, noise=noise,
+                                             next_x=next_x, noise_block=noise_block)
 
     def decode(self, latents: torch.Tensor, differentiable: bool = False) -> torch.Tensor:
         cfg = self.vae.config
