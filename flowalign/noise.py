@@ -683,7 +683,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
     origin = torch.arange(K).repeat(B, 1)  # (B, K): which initial candidate each particle descends from
     log_w = torch.zeros(B, K, dtype=torch.float64)
     state: dict = {}
-    traj, ess_log, resampled = [], [], []
+    traj, ess_log, resampled, ancestors_log = [], [], [], []
     sig = ctx.sigmas
     steps = range(T)
     if ctx.progress:
@@ -717,6 +717,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
                     for key in state:
                         state[key] = state[key][flat]
                     log_w[do] = 0.0
+                ancestors_log.append([len(set(row)) for row in origin.tolist()])
                 if ctx.callback is not None:
                     rk = r.view(B, K).float()
                     top = (torch.arange(B) * K + rk.argmax(1)).to(img.device)
@@ -740,7 +741,9 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
             "info": {"particles": K, "resample_at": list(resample_at), "potential": potential, "lam": lam,
                      "resampling": resampling, "ess_threshold": ess_threshold, "noise_level": noise_level,
                      "sde_until": sde_until, "sde_from": sde_from, "ess": ess_log, "resampled": resampled,
-                     "final_particle_rewards": r.tolist(), "stopped_early": len(traj) < len(resample_at) + 1}}
+                     "final_particle_rewards": r.tolist(), "stopped_early": len(traj) < len(resample_at) + 1,
+                     # distinct initial noises among each prompt's particles after each resampling step / at the end
+                     "ancestors": ancestors_log, "final_ancestors": [len(set(row)) for row in origin.tolist()]}}
 
 
 # ================================================================================================ budgets

@@ -289,6 +289,8 @@ def test_fk_without_potential_never_resamples_and_strong_potential_concentrates(
                     lam=0.0, seed=0)
     assert flat.info["ess"] == [[4.0, 4.0], [4.0, 4.0]]
     assert flat.info["resampled"] == [[False, False], [False, False]]
+    # never resampled: every particle keeps its own initial noise
+    assert flat.info["ancestors"] == [[4, 4], [4, 4]] and flat.info["final_ancestors"] == [4, 4]
     sharp = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "fk", particles=4, num_steps=4, resample_at=[1],
                      lam=1e4, seed=0, noise_level=0.0)
     # lam huge: all weight on the best particle; ESS ~ 1, resampled, and with an ODE (no noise) the four particles
@@ -297,6 +299,8 @@ def test_fk_without_potential_never_resamples_and_strong_potential_concentrates(
     assert sharp.info["resampled"] == [[True, True]]
     p = sharp.particles
     assert torch.allclose(p[:, 0:1].expand_as(p), p)
+    # ... all descending from one initial noise: one distinct ancestor per prompt
+    assert sharp.info["ancestors"] == [[1, 1]] and sharp.info["final_ancestors"] == [1, 1]
 
 
 def test_nfe_counts_match_the_formula(tiny_adapter, shapeclip):
