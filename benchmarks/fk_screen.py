@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-R = {"shapeclip": "shapeclip", "judge": {"shapeworld": 1.0}}
+R = {"shapeclip": "shapeclip", "judge": {"shapeworld": 1.0}, "shapevalue": "shapevalue"}
 OLD = dict(resample_at=[4, 8, 12], potential="max", noise_level=0.7, sde_until=18, ess_threshold=1.0,
            resampling="multinomial", sde_from=0)  # the first test run's FK settings
 # (round 2 ran before sde_from=0 was written here: its "fk_judge_old" got the new default sde_from=4 and is the
@@ -49,6 +49,22 @@ CONFIGS["round2"] = {
     "bon_judge": ("judge", "best_of_n", {}),
     "fk_judge_old": ("judge", "fk", dict(OLD, lam=10.0)),
     "fk_judge_sdefrom4": ("judge", "fk", dict(NEW, lam=10.0)),
+}
+# shapevalue (rewards/shapevalue.py, a value model distilled from the training judge v2 on rollouts of training
+# prompts; a probability in [0, 1], so lam on the judge's scale), and the tuned shapeclip / judge settings again for
+# their distinct-ancestor counts
+CONFIGS["value"] = {
+    "bon_shapevalue": ("shapevalue", "best_of_n", {}),
+    "fk_sv_lam0": ("shapevalue", "fk", dict(NEW, lam=0.0)),
+    "fk_sv_lam3": ("shapevalue", "fk", dict(NEW, lam=3.0)),
+    "fk_sv_lam10": ("shapevalue", "fk", dict(NEW, lam=10.0)),
+    "fk_sv_lam30": ("shapevalue", "fk", dict(NEW, lam=30.0)),
+    "fk_sv_lam10_early": ("shapevalue", "fk", dict(NEW, lam=10.0, resample_at=[2, 4, 6, 8, 10, 12], sde_from=2)),
+    "fk_sv_lam10_ess0.5": ("shapevalue", "fk", dict(NEW, lam=10.0, ess_threshold=0.5)),
+    "bon_shapeclip": CONFIGS["diag"]["bon_shapeclip"],
+    "fk_sc_sdefrom4_ess0.5": CONFIGS["round2"]["fk_sc_sdefrom4_ess0.5"],
+    "bon_judge": CONFIGS["round2"]["bon_judge"],
+    "fk_judge_sdefrom4": CONFIGS["round2"]["fk_judge_sdefrom4"],
 }
 # the rule fixed before round 2 ran: per potential, the FK configuration of diag + round2 with the largest paired
 # gain over best-of-N (same reward) in the training judge's strict verdict; ties (within 0.005) by the lenient one.
@@ -162,7 +178,8 @@ def main(argv=None) -> int:
     adapter = load_adapter(resolve_model_path(a.model))
     meta = screening_metadata(a.per_task)
     prompts, tags = [m["prompt"] for m in meta], [m["tag"] for m in meta]
-    rewards = {k: noise.resolve_reward(v) for k, v in R.items()}
+    used = {rname for rname, _, _ in configs.values()}
+    rewards = {k: noise.resolve_reward(v) for k, v in R.items() if k in used}
     recs = {}
     for name, (rname, method, opts) in configs.items():
         q = reuse.get(name)
@@ -181,6 +198,8 @@ def main(argv=None) -> int:
             rec["mean_ess"] = [float(np.mean(e)) for e in res.info["ess"]]
             # distinct ancestors (initial noises) among each prompt's final particles
             rec["final_particle_rewards"] = res.info["final_particle_rewards"]
+            rec["ancestors"] = res.info["ancestors"]
+            rec["final_ancestors"] = res.info["final_ancestors"]
         recs[name] = rec
         print(f"{name}: {rec['seconds']:.0f} s, reward {np.mean(rec['reward']):.3f}, train "
               f"{task_mean(tags, [x['train'] for x in v]):.3f}, train strict "
@@ -189,7 +208,7 @@ def main(argv=None) -> int:
              f"{a.seed}, budget {a.budget} NFE/prompt, CFG {a.guidance}, {a.steps} steps. Training judge only "
              "(mean over tasks); Δ paired vs best-of-N with the same reward.", "",
              "| config | reward | NFE | reward mean | train | train strict | Δ train vs BoN | Δ train strict vs BoN "
-             "| Δ reward vs BoN | mean ESS | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| Δ reward vs BoN | mean ESS | distinct ancestors (of K) | s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in recs.items():
         ref = next((n for n, q in recs.items() if q["method"] == "best_of_n" and q["reward_name"] == r["reward_name"]),
                    None)
@@ -202,10 +221,14 @@ def main(argv=None) -> int:
             dm, dse = paired(tags, get(r), get(recs[ref]))
             cells.append(f"{dm:+.3f} ± {dse:.3f}")
         ess = [round(e, 2) for e in r.get("mean_ess", [])]
+        anc = "–"
+        if "final_ancestors" in r:
+            steps = [round(float(np.mean(x)), 2) for x in r["ancestors"]]
+            anc = f"{steps} → final {np.mean(r['final_ancestors']):.2f} (1: {np.mean(np.array(r['final_ancestors']) == 1):.0%})"
         lines.append(f"| {name} | {r['reward_name']} | {r['nfe_per_prompt']:.0f} | {np.mean(r['reward']):.3f} | "
                      f"{task_mean(tags, [x['train'] for x in r['verdicts']]):.3f} | "
                      f"{task_mean(tags, [x['train_strict'] for x in r['verdicts']]):.3f} | {cells[0]} | {cells[1]} | "
-                     f"{cells[2]} | {ess or '–'} | {r['seconds']:.0f} |")
+                     f"{cells[2]} | {ess or '–'} | {anc} | {r['seconds']:.0f} |")
     lines += ["", "Options:", ""] + [f"- {n}: `{r['method']}` {json.dumps(r['options'])}" for n, r in recs.items()]
     md = "\n".join(lines)
     (out / "report.md").write_text(md + "\n")

@@ -31,7 +31,11 @@ import numpy as np
 DEFAULT = ("base", "bon_shapeclip", "reno_shapeclip", "reno_shapeclip_artifact", "carinox", "fk_judge",
            "fk_shapeclip", "bon_judge")
 TUNED = ("fk_judge_tuned", "fk_shapeclip_tuned")  # FK with the settings chosen on training prompts (--fk-tuned)
-ALL = DEFAULT[:7] + TUNED + DEFAULT[7:]
+# shapevalue (rewards/shapevalue.py): the learned value model distilled from the training judge v2, as best-of-N's
+# verifier, FK's potential (first settings, and tuned on training prompts: --fk-tuned's "shapevalue" entry) and
+# ReNO's reward
+VALUE = ("bon_shapevalue", "fk_shapevalue", "fk_shapevalue_tuned", "reno_shapevalue")
+ALL = DEFAULT[:7] + TUNED + DEFAULT[7:] + VALUE
 LABELS = {
     "base": "base sampling (ODE)",
     "bon_shapeclip": "best-of-N, shapeclip verifier",
@@ -43,6 +47,10 @@ LABELS = {
     "bon_judge": "best-of-N, exact training judge (ceiling)",
     "fk_judge_tuned": "FK steering, exact judge potential, tuned on training prompts",
     "fk_shapeclip_tuned": "FK steering, shapeclip potential, tuned on training prompts",
+    "bon_shapevalue": "best-of-N, shapevalue verifier",
+    "fk_shapevalue": "FK steering, shapevalue potential",
+    "fk_shapevalue_tuned": "FK steering, shapevalue potential, tuned on training prompts",
+    "reno_shapevalue": "ReNO, shapevalue",
 }
 CANDIDATES = {"shapeclip": "shapeclip", "artifact": "artifact"}  # + "shapeclip+artifact" (built from args)
 
@@ -70,6 +78,9 @@ def parse(argv=None):
     ap.add_argument("--carinox-top-k", type=int, default=1)
     ap.add_argument("--fk-lam-judge", type=float, default=10.0)
     ap.add_argument("--fk-lam-shapeclip", type=float, default=1.0)
+    ap.add_argument("--fk-lam-shapevalue", type=float, default=10.0,
+                    help="shapevalue is a probability in [0, 1], like the judge's partial credit")
+    ap.add_argument("--shapevalue-path", default=None, help="shapevalue weights (default the shipped ones)")
     ap.add_argument("--fk-noise", type=float, default=0.7)
     ap.add_argument("--fk-potential", default="max")
     ap.add_argument("--calib-per-task", type=int, default=40, help="CARINOX calibration images per task")
@@ -99,6 +110,9 @@ def spec(name, a):
     fk = dict(noise_level=a.fk_noise, potential=a.fk_potential, resample_at=[4, 8, 12], sde_until=a.steps - 2,
               ess_threshold=1.0, resampling="multinomial", sde_from=0)
     tuned = json.loads(Path(a.fk_tuned).read_text()) if a.fk_tuned else {}
+    sv = {"shapevalue": {"weight": 1.0, "path": a.shapevalue_path}} if a.shapevalue_path else "shapevalue"
+    # shapevalue's FK rows start from the current default (ODE until the first resampling step)
+    fk_new = dict(fk, sde_from=4)
     return {
         "base": ("best_of_n", "shapeclip", dict(n=1)),
         "bon_shapeclip": ("best_of_n", "shapeclip", {}),
@@ -110,6 +124,10 @@ def spec(name, a):
         "bon_judge": ("best_of_n", {"shapeworld": 1.0}, {}),
         "fk_judge_tuned": ("fk", {"shapeworld": 1.0}, tuned.get("judge", {}).get("options")),
         "fk_shapeclip_tuned": ("fk", "shapeclip", tuned.get("shapeclip", {}).get("options")),
+        "bon_shapevalue": ("best_of_n", sv, {}),
+        "fk_shapevalue": ("fk", sv, dict(fk_new, lam=a.fk_lam_shapevalue)),
+        "fk_shapevalue_tuned": ("fk", sv, tuned.get("shapevalue", {}).get("options")),
+        "reno_shapevalue": ("reno", sv, reno),
     }[name]
 
 
@@ -180,6 +198,9 @@ def child(a) -> None:
         if "ess" in res.info:
             info["resampled_fraction"] = [float(np.mean(r)) for r in res.info["resampled"]]
             info["mean_ess"] = [float(np.mean(e)) for e in res.info["ess"]]
+            info["ancestors_per_prompt"] = res.info["final_ancestors"]
+            info["mean_ancestors"] = [float(np.mean(x)) for x in res.info["ancestors"]]
+            info["mean_final_ancestors"] = float(np.mean(res.info["final_ancestors"]))
         infos.append(info)
         nfe += res.nfe
         secs += res.seconds
@@ -248,7 +269,10 @@ def report(a, recs: dict) -> str:
         lines.append(f"| {name} | " + " | ".join(f"{J['per_task'].get(t, float('nan')):.2f}" for t in TASK_ORDER)
                      + " |")
     pairs = [("fk_shapeclip", "bon_shapeclip"), ("fk_judge", "bon_judge"), ("fk_shapeclip_tuned", "bon_shapeclip"),
-             ("fk_judge_tuned", "bon_judge"), ("fk_shapeclip_tuned", "fk_shapeclip"), ("fk_judge_tuned", "fk_judge"), ("carinox", "bon_shapeclip"),
+             ("fk_judge_tuned", "bon_judge"), ("fk_shapeclip_tuned", "fk_shapeclip"), ("fk_judge_tuned", "fk_judge"),
+             ("fk_shapevalue", "bon_shapevalue"), ("fk_shapevalue_tuned", "bon_shapevalue"),
+             ("bon_shapevalue", "bon_shapeclip"), ("reno_shapevalue", "base"), ("reno_shapevalue", "reno_shapeclip"),
+             ("carinox", "bon_shapeclip"),
              ("carinox", "reno_shapeclip"), ("reno_shapeclip", "bon_shapeclip"),
              ("reno_shapeclip_artifact", "reno_shapeclip")]
     pairs = [(x, y) for x, y in pairs if x in recs and y in recs]
@@ -283,6 +307,12 @@ def report(a, recs: dict) -> str:
         extra = ""
         if "mean_ess" in info:
             extra = f"; mean ESS at the resampling steps {[round(e, 2) for e in info['mean_ess']]}"
+        if "mean_ancestors" in info:
+            infos = r["info"] if isinstance(r["info"], list) else [r["info"]]
+            fa = [x for q in infos for x in q["ancestors_per_prompt"]]
+            extra += (f"; distinct ancestors (initial noises) among the {info['particles']} particles after each "
+                      f"resampling step {[round(e, 2) for e in info['mean_ancestors']]}, at the end "
+                      f"{np.mean(fa):.2f} (1 ancestor: {np.mean(np.array(fa) == 1):.0%} of prompts)")
         lines.append(f"- {name}: `{r['method']}` reward `{r['reward']}` {json.dumps(keep)}{extra}")
     return "\n".join(lines)
 
@@ -341,8 +371,8 @@ def main(argv=None) -> int:
     if bad:
         print(f"noise_opt: unknown method(s) {bad}; known: {', '.join(ALL)}", file=sys.stderr)
         return 2
-    if any(m in TUNED for m in names) and not a.fk_tuned:
-        print(f"noise_opt: {', '.join(m for m in names if m in TUNED)} need --fk-tuned FILE", file=sys.stderr)
+    if any(m in TUNED + ("fk_shapevalue_tuned",) for m in names) and not a.fk_tuned:
+        print(f"noise_opt: {', '.join(m for m in names if m.endswith('_tuned'))} need --fk-tuned FILE", file=sys.stderr)
         return 2
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")
     args = [x for x in (argv if argv is not None else sys.argv[1:])]
