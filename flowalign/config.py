@@ -94,6 +94,9 @@ class EvalCfg:
     seed: int = 1000
     batch_size: int = 200
     judge: Literal["shapeworld", "reward"] = "shapeworld"  # 'reward': report the training reward per tag
+    base_from: Union[str, None] = None  # a finished run's directory: reuse its base evaluation (base_eval.json)
+                                        # instead of judging the base again; its model, data and eval protocol
+                                        # must equal this run's (checked), so the figures are the same
 
 
 @dataclass

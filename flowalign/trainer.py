@@ -419,6 +419,31 @@ class Trainer:
         self.iteration, self.nan_skipped, self.nan_streak = c["iteration"], c["nan_skipped"], c["nan_streak"]
         self.evals = state.get("evals", [])
 
+    def reused_base(self) -> dict:
+        """The base evaluation of ``eval.base_from`` (a finished run), refused unless what decides the base's
+        figures is the same: the model, the evaluation data and every eval setting but ``every`` / ``base_from``."""
+        src = Path(self.cfg.eval.base_from)
+        cfg_p, base_p = src / "config.json", src / "base_eval.json"
+        if not (cfg_p.is_file() and base_p.is_file()):
+            raise TrainingError(f"eval.base_from: {src} has no config.json and base_eval.json (a run's directory?)")
+        theirs, ours = json.loads(cfg_p.read_text()), self.cfg.to_dict()
+
+        def protocol(d):
+            ev = {k: v for k, v in d["eval"].items() if k not in ("every", "base_from")}
+            data = {k: v for k, v in d["data"].items() if k != "train" and k != "task_weights"}
+            model = {k: v for k, v in d["model"].items() if k in ("path", "family", "resolution", "dtype")}
+            return {"eval": ev, "data": data, "model": model}
+        if protocol(theirs) != protocol(ours):
+            a, b = protocol(theirs), protocol(ours)
+            diff = sorted(f"{sec}.{k}" for sec in a for k in set(a[sec]) | set(b[sec])
+                          if a[sec].get(k) != b[sec].get(k))
+            raise TrainingError(f"eval.base_from: {src} evaluated the base under another protocol "
+                                f"(differs in {', '.join(diff)}); evaluate the base again")
+        base = json.loads(base_p.read_text())
+        if self.is_main:
+            (self.out / "base_eval.json").write_text(json.dumps(base, indent=1))
+        return base
+
     # ---------------------------------------------------------------------------------------- the loop
     def run(self) -> dict:
         from tqdm import tqdm
@@ -432,7 +457,7 @@ class Trainer:
                                                                   world_size=self.d.world), indent=1))
         base = None
         if self.iteration == 0:
-            base = self.evaluate("base")
+            base = self.reused_base() if self.cfg.eval.base_from else self.evaluate("base")
             if self.is_main:
                 (self.out / "base_eval.json").write_text(json.dumps(base, indent=1))
         total = self.cfg.train.iterations

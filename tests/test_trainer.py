@@ -469,3 +469,28 @@ def test_compare_and_seeds_reports_read_a_finished_run(tiny_sd3, tmp_path):
     d = res["final"]["test"]["overall"] - res["base"]["test"]["overall"]
     se = seeds_report.se_diff(res["base"]["test"]["se_overall"], res["final"]["test"]["se_overall"])
     assert f"{d:+.3f} ± {se:.3f}" in line and ok == (d > 2 * se and "| none |" in line)
+
+
+def test_base_from_reuses_the_base_evaluation_only_under_the_same_protocol(tiny_sd3, tmp_path):
+    first = tmp_path / "a"
+    Trainer(tiny_cfg(tiny_sd3, first, train__iterations=1)).run()
+    base_a = json.loads((first / "base_eval.json").read_text())
+    # a different training config (lr, LoRA rank) may reuse it: the base's figures do not depend on those
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "b", train__iterations=1, train__lr=1e-3,
+                         model={"path": tiny_sd3, "lora": {"rank": 2, "alpha": 4}},
+                         eval={"num_steps": 2, "n_per_task": 1, "base_from": str(first)}))
+    calls = []
+    t.evaluate = lambda tag, _orig=t.evaluate: calls.append(tag) or _orig(tag)
+    res = t.run()
+    assert calls == ["final"]  # the base was not judged again
+    assert res["base"] == base_a
+    assert json.loads((tmp_path / "b" / "base_eval.json").read_text()) == base_a
+    # another eval protocol is refused, naming what differs
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "c", train__iterations=1,
+                         eval={"num_steps": 3, "n_per_task": 1, "base_from": str(first)}))
+    with pytest.raises(TrainingError, match=r"eval.base_from: .*differs in eval\.num_steps"):
+        t.run()
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "d", train__iterations=1,
+                         eval={"num_steps": 2, "n_per_task": 1, "base_from": str(tmp_path / "nowhere")}))
+    with pytest.raises(TrainingError, match="has no config.json and base_eval.json"):
+        t.run()
