@@ -79,7 +79,9 @@ def main(argv=None) -> int:
     row("ReNO − base ≥ +0.10", reno)
     row("CARINOX ≥ max(best-of-N, ReNO)", carinox)
     for name, ref in (("fk_shapeclip", "bon_shapeclip"), ("fk_shapeclip_tuned", "bon_shapeclip"),
-                      ("fk_judge", "bon_judge"), ("fk_judge_tuned", "bon_judge")):
+                      ("fk_judge", "bon_judge"), ("fk_judge_tuned", "bon_judge"),
+                      ("fk_shapevalue", "bon_shapevalue"), ("fk_shapevalue_tuned", "bon_shapevalue"),
+                      ("fk_shapevalue", "bon_shapeclip")):
         if all(name in r for _, r in runs):
             row(f"{name} − {ref} > 0", fk(name, ref))
     md = "\n".join(lines)
