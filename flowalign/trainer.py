@@ -433,16 +433,13 @@ class Trainer:
             data = {k: v for k, v in d["data"].items() if k != "train" and k != "task_weights"}
             model = {k: v for k, v in d["model"].items() if k in ("path", "family", "resolution", "dtype")}
             return {"eval": ev, "data": data, "model": model}
-        if protocol(theirs) != protocol(ours):
-            a, b = protocol(theirs), protocol(ours)
+        a, b = protocol(theirs), protocol(ours)
+        if a != b:
             diff = sorted(f"{sec}.{k}" for sec in a for k in set(a[sec]) | set(b[sec])
                           if a[sec].get(k) != b[sec].get(k))
             raise TrainingError(f"eval.base_from: {src} evaluated the base under another protocol "
                                 f"(differs in {', '.join(diff)}); evaluate the base again")
-        base = json.loads(base_p.read_text())
-        if self.is_main:
-            (self.out / "base_eval.json").write_text(json.dumps(base, indent=1))
-        return base
+        return json.loads(base_p.read_text())  # run() writes it to this run's base_eval.json, as an evaluated base
 
     # ---------------------------------------------------------------------------------------- the loop
     def run(self) -> dict:
