@@ -66,9 +66,25 @@ CONFIGS["value"] = {
     "bon_judge": CONFIGS["round2"]["bon_judge"],
     "fk_judge_sdefrom4": CONFIGS["round2"]["fk_judge_sdefrom4"],
 }
+# hybrid potentials (2026-12-02, fourth session): shapevalue reads the early x0-hat best (AUC 0.87 at step 4 against
+# 0.74 for shapeclip) but is a weak final verifier (best-of-7 by it 0.565 against 0.650 by shapeclip, test prompts),
+# and with resampling at 4 / 8 / 12 the final particles descend from about 2 of the 7 initial noises. So: shapevalue
+# as the potential (option potential_reward), the final pick by shapeclip or the judge, resampling at step 4 only or
+# at 4 / 8 / 12. Compared with best-of-N by the final reward (the same entry as in the other sets)
+HYB = dict(NEW, potential_reward="shapevalue")
+CONFIGS["hybrid"] = {
+    "bon_shapeclip": CONFIGS["diag"]["bon_shapeclip"],
+    "fk_hyb_lam10": ("shapeclip", "fk", dict(HYB, lam=10.0)),
+    "fk_hyb_once4_lam10": ("shapeclip", "fk", dict(HYB, lam=10.0, resample_at=[4])),
+    "fk_hyb_once4_lam3": ("shapeclip", "fk", dict(HYB, lam=3.0, resample_at=[4])),
+    "fk_hyb_once4_lam30": ("shapeclip", "fk", dict(HYB, lam=30.0, resample_at=[4])),
+    "bon_judge": CONFIGS["round2"]["bon_judge"],
+    "fk_hybj_once4_lam10": ("judge", "fk", dict(HYB, lam=10.0, resample_at=[4])),
+}
 # the rule fixed before round 2 ran: per potential, the FK configuration of diag + round2 with the largest paired
 # gain over best-of-N (same reward) in the training judge's strict verdict; ties (within 0.005) by the lenient one.
-# lam = 0 entries (no steering: the sampler's cost alone) are diagnostics, not candidates
+# lam = 0 entries (no steering: the sampler's cost alone) are diagnostics, not candidates. Entries with another
+# potential (option potential_reward) are chosen apart, under "hybrid" (final pick by shapeclip) and "hybrid_judge"
 
 
 def select(dirs: list[Path]) -> dict:
@@ -78,19 +94,23 @@ def select(dirs: list[Path]) -> dict:
         recs.update(res["results"])
         tags = tags or [m["tag"] for m in screening_metadata(res["args"]["per_task"])]
     chosen = {}
-    for rname in R:
+    keys = [(rname, rname, False) for rname in R] + [("hybrid", "shapeclip", True), ("hybrid_judge", "judge", True)]
+    for key, rname, hybrid in keys:
         ref = next((n for n, q in recs.items() if q["method"] == "best_of_n" and q["reward_name"] == rname), None)
         if ref is None:
             continue
         score = {}
         for n, q in recs.items():
-            if q["method"] != "fk" or q["reward_name"] != rname or q["options"].get("lam") == 0:
+            if q["method"] != "fk" or q["reward_name"] != rname or q["options"].get("lam") == 0 \
+                    or ("potential_reward" in q["options"]) != hybrid:
                 continue
             d = [paired(tags, [x[k] for x in q["verdicts"]], [x[k] for x in recs[ref]["verdicts"]])[0]
                  for k in ("train_strict", "train")]
             score[n] = (round(d[0] / 0.005), d[1], d[0])
+        if not score:
+            continue
         best = max(score, key=score.get)
-        chosen[rname] = {"config": best, "options": recs[best]["options"], "delta_train_strict": score[best][2],
+        chosen[key] = {"config": best, "options": recs[best]["options"], "delta_train_strict": score[best][2],
                          "delta_train": score[best][1]}
     return chosen
 

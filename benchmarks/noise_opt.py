@@ -35,7 +35,11 @@ TUNED = ("fk_judge_tuned", "fk_shapeclip_tuned")  # FK with the settings chosen 
 # verifier, FK's potential (first settings, and tuned on training prompts: --fk-tuned's "shapevalue" entry) and
 # ReNO's reward
 VALUE = ("bon_shapevalue", "fk_shapevalue", "fk_shapevalue_tuned", "reno_shapevalue")
-ALL = DEFAULT[:7] + TUNED + DEFAULT[7:] + VALUE
+# FK with shapevalue as the potential and the final pick by shapeclip / the exact judge, the settings chosen on
+# training prompts (benchmarks/fk_screen.py --configs hybrid, then --select: chosen.json's "hybrid" and
+# "hybrid_judge" entries; --fk-tuned)
+HYBRID = ("fk_hybrid_tuned", "fk_hybrid_judge_tuned")
+ALL = DEFAULT[:7] + TUNED + DEFAULT[7:] + VALUE + HYBRID
 LABELS = {
     "base": "base sampling (ODE)",
     "bon_shapeclip": "best-of-N, shapeclip verifier",
@@ -51,6 +55,9 @@ LABELS = {
     "fk_shapevalue": "FK steering, shapevalue potential",
     "fk_shapevalue_tuned": "FK steering, shapevalue potential, tuned on training prompts",
     "reno_shapevalue": "ReNO, shapevalue",
+    "fk_hybrid_tuned": "FK steering, shapevalue potential, final pick by shapeclip, tuned on training prompts",
+    "fk_hybrid_judge_tuned": "FK steering, shapevalue potential, final pick by the exact judge, tuned on training "
+                             "prompts",
 }
 CANDIDATES = {"shapeclip": "shapeclip", "artifact": "artifact"}  # + "shapeclip+artifact" (built from args)
 
@@ -128,6 +135,8 @@ def spec(name, a):
         "fk_shapevalue": ("fk", sv, dict(fk_new, lam=a.fk_lam_shapevalue)),
         "fk_shapevalue_tuned": ("fk", sv, tuned.get("shapevalue", {}).get("options")),
         "reno_shapevalue": ("reno", sv, reno),
+        "fk_hybrid_tuned": ("fk", "shapeclip", tuned.get("hybrid", {}).get("options")),
+        "fk_hybrid_judge_tuned": ("fk", {"shapeworld": 1.0}, tuned.get("hybrid_judge", {}).get("options")),
     }[name]
 
 
@@ -270,7 +279,8 @@ def report(a, recs: dict) -> str:
                      + " |")
     pairs = [("fk_shapeclip", "bon_shapeclip"), ("fk_judge", "bon_judge"), ("fk_shapeclip_tuned", "bon_shapeclip"),
              ("fk_judge_tuned", "bon_judge"), ("fk_shapeclip_tuned", "fk_shapeclip"), ("fk_judge_tuned", "fk_judge"),
-             ("fk_shapevalue", "bon_shapevalue"), ("fk_shapevalue_tuned", "bon_shapevalue"),
+             ("fk_shapevalue", "bon_shapevalue"), ("fk_hybrid_tuned", "bon_shapeclip"),
+             ("fk_hybrid_judge_tuned", "bon_judge"), ("fk_shapevalue_tuned", "bon_shapevalue"),
              ("bon_shapevalue", "bon_shapeclip"), ("reno_shapevalue", "base"), ("reno_shapevalue", "reno_shapeclip"),
              ("carinox", "bon_shapeclip"),
              ("carinox", "reno_shapeclip"), ("reno_shapeclip", "bon_shapeclip"),
@@ -371,7 +381,7 @@ def main(argv=None) -> int:
     if bad:
         print(f"noise_opt: unknown method(s) {bad}; known: {', '.join(ALL)}", file=sys.stderr)
         return 2
-    if any(m in TUNED + ("fk_shapevalue_tuned",) for m in names) and not a.fk_tuned:
+    if any(m in TUNED + HYBRID + ("fk_shapevalue_tuned",) for m in names) and not a.fk_tuned:
         print(f"noise_opt: {', '.join(m for m in names if m.endswith('_tuned'))} need --fk-tuned FILE", file=sys.stderr)
         return 2
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), HF_HUB_OFFLINE="1")

@@ -38,8 +38,11 @@ Methods (``METHODS``):
   there to ``sde_until`` (default all but the last, which is an ODE step so that no noise is left in the image);
   at the resampling steps each particle's predicted clean image ``x - sigma * v`` is decoded and scored,
   log-weights grow by the log-potential (max: lam * max of the particle's rewards so far; sum: lam * their sum;
-  difference: lam * (r_t - r_previous)), and when the effective sample size ``1 / sum w^2`` falls below ``ess_threshold * K`` the particles are resampled (weights reset). The best final
-  particle by reward is returned. Gradient-free: any reward (the exact judge, OCR, a detector).
+  difference: lam * (r_t - r_previous)), and when the effective sample size ``1 / sum w^2`` falls below
+  ``ess_threshold * K`` the particles are resampled (weights reset). The best final particle by ``rewards`` is
+  returned. ``potential_reward`` (default: ``rewards``) scores the predicted clean images at the resampling steps
+  instead, e.g. a value model that reads blurry early predictions better than the final verifier does.
+  Gradient-free: any reward (the exact judge, OCR, a detector).
 
 ``callback(progress)`` (optional) is told after every unit of work: each best-of-N candidate, each ReNO / CARINOX
 iterate, each CARINOX exploration candidate, each FK resampling step (a ``Progress``: the step's reward and image
@@ -672,8 +675,9 @@ def _carinox(ctx: _Ctx, reward, n_explore: int, top_k: int, iterations: int, ro:
 
 
 def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: float, resampling: str,
-        ess_threshold: float, noise_level: float, sde_until: int, sde_from: int = 0) -> dict:
+        ess_threshold: float, noise_level: float, sde_until: int, sde_from: int = 0, potential_reward=None) -> dict:
     B, T = len(ctx.prompts), ctx.num_steps
+    pot_reward = reward if potential_reward is None else potential_reward  # scores x0-hat at resampling steps
     prompts, metadata, cond = ctx.rep(K)
     dev = ctx.adapter.device
     gens = [seeding.generator(ctx.seed, "noise/fk", i) for i in ctx.indices]
@@ -698,7 +702,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
                 x0 = x - sig[i].to(x.device, x.dtype) * v
                 img = torch.cat([ctx.adapter.decode(x0[s:s + ctx.batch_size])
                                  for s in range(0, x0.shape[0], ctx.batch_size)])
-                r = torch.nan_to_num(ctx.score(reward, img, prompts, metadata)["reward"].detach().double().cpu(),
+                r = torch.nan_to_num(ctx.score(pot_reward, img, prompts, metadata)["reward"].detach().double().cpu(),
                                      nan=-1e9)
                 traj.append(r.view(B, K).mean(1).float())
                 log_w = log_w + lam * fk_log_potential(potential, r, state).view(B, K)
@@ -741,6 +745,7 @@ def _fk(ctx: _Ctx, reward, K: int, resample_at: list[int], potential: str, lam: 
             "info": {"particles": K, "resample_at": list(resample_at), "potential": potential, "lam": lam,
                      "resampling": resampling, "ess_threshold": ess_threshold, "noise_level": noise_level,
                      "sde_until": sde_until, "sde_from": sde_from, "ess": ess_log, "resampled": resampled,
+                     "potential_reward": None if potential_reward is None else repr(potential_reward),
                      "final_particle_rewards": r.tolist(), "stopped_early": len(traj) < len(resample_at) + 1,
                      # distinct initial noises among each prompt's particles after each resampling step / at the end
                      "ancestors": ancestors_log, "final_ancestors": [len(set(row)) for row in origin.tolist()]}}
@@ -843,7 +848,12 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         if metadata is None:
             raise NoiseOptError(f"category_rewards route by metadata[{category_key!r}]: pass metadata")
     o.pop("category_rewards", None)
-    used = [reward] + list((category_rewards or {}).values())
+    potential_reward = o.pop("potential_reward", None)
+    if potential_reward is not None:
+        if method != "fk":
+            raise NoiseOptError(f"potential_reward is an FK option; method {method!r} has none")
+        potential_reward = resolve_reward(potential_reward)
+    used = [reward] + list((category_rewards or {}).values()) + ([potential_reward] if potential_reward else [])
     for r in used:
         if not isinstance(r, Reward):
             raise NoiseOptError(f"not a reward: {r!r}")
@@ -902,7 +912,8 @@ def optimize(adapter, prompts: Sequence[str], rewards, method: str = "reno", bud
         sde_from = (min(ra) if ra else 0) if sde_from == "first_resample" else int(sde_from)
         fk_opts = dict(resample_at=[int(i) for i in ra], potential=potential,
                        lam=_positive_float("lam", o.pop("lam", 10.0), allow_zero=True), resampling=resampling,
-                       ess_threshold=ess, noise_level=eta, sde_until=until, sde_from=sde_from)
+                       ess_threshold=ess, noise_level=eta, sde_until=until, sde_from=sde_from,
+                       potential_reward=potential_reward)
     init = o.pop("init", None) if method == "reno" else None
     known = {"best_of_n": {"n"}, "fk": {"particles"}, "reno": {"iterations", "final", "sampler_steps",
                                                                  "checkpointing"},

@@ -303,6 +303,24 @@ def test_fk_without_potential_never_resamples_and_strong_potential_concentrates(
     assert sharp.info["ancestors"] == [[1, 1]] and sharp.info["final_ancestors"] == [1, 1]
 
 
+def test_fk_potential_reward_steers_and_the_final_pick_uses_the_main_reward(tiny_adapter, shapeclip):
+    kw = dict(particles=4, num_steps=4, resample_at=[1], lam=1e4, seed=0, noise_level=0.0)
+    own = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "fk", **kw)
+    # the candidates' x0-hat at step 1, scored by hand: a potential of +shapeclip keeps the best of them, one of
+    # -shapeclip the worst (lam huge, ODE after the resampling: every particle is a copy of that one)
+    neg = optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "fk",
+                   potential_reward={"shapeclip": -1.0}, **kw)
+    assert neg.info["ancestors"] == [[1, 1]] and own.info["ancestors"] == [[1, 1]]
+    assert not torch.equal(neg.noises, own.noises)  # steered to another candidate
+    # the final pick and the reported rewards are the main reward's (shapeclip, not its negative)
+    direct = shapeclip(neg.images, list(SHAPECLIP_PROMPTS))["reward"]
+    assert neg.rewards["reward"].tolist() == pytest.approx(direct.tolist(), abs=1e-4)
+    assert neg.info["potential_reward"] is not None and own.info["potential_reward"] is None
+    with pytest.raises(NoiseOptError, match="potential_reward is an FK option"):
+        optimize(tiny_adapter, SHAPECLIP_PROMPTS, shapeclip, "best_of_n", n=2, num_steps=2,
+                 potential_reward=shapeclip)
+
+
 def test_nfe_counts_match_the_formula(tiny_adapter, shapeclip):
     P = SHAPECLIP_PROMPTS
     # steps 2, CFG 3 -> one full sample is 2 steps x 2 rows = 4 forwards
