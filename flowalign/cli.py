@@ -91,6 +91,18 @@ def _optimize_noise(a) -> int:
                               "resampling": a.resampling, "lam": a.lam, "ess_threshold": a.ess_threshold,
                               "noise_level": a.noise_level, "n_explore": a.n_explore, "top_k": a.top_k}.items()
             if v is not None}
+    if a.potential_reward:
+        if method != "fk":
+            raise noise.NoiseOptError("--potential-reward applies to --method fk only")
+        opts["potential_reward"] = noise.resolve_reward(noise.parse_reward_args(a.potential_reward))
+    if a.resample_at is not None:
+        if method != "fk":
+            raise noise.NoiseOptError("--resample-at applies to --method fk only")
+        try:
+            opts["resample_at"] = [int(x) for x in a.resample_at.split(",") if x.strip()]
+        except ValueError:
+            raise noise.NoiseOptError(f"--resample-at takes comma-separated step indices, got {a.resample_at!r}") \
+                from None
     if a.category_rewards:
         if method != "carinox":
             raise noise.NoiseOptError("--category-rewards applies to --method carinox only")
@@ -162,6 +174,10 @@ def main(argv=None) -> int:
     o.add_argument("--lam", type=float, default=None, help="FK: potential temperature lambda")
     o.add_argument("--ess-threshold", type=float, default=None, help="FK: resample when ESS < this x particles")
     o.add_argument("--noise-level", type=float, default=None, help="FK: SDE noise level")
+    o.add_argument("--potential-reward", action="append", default=None, metavar="NAME[=WEIGHT]",
+                   help="FK: score the resampling steps' predicted images with this reward (repeatable) instead "
+                        "of --reward, which still picks the final particle (e.g. shapevalue)")
+    o.add_argument("--resample-at", default=None, help="FK: comma-separated resampling step indices, e.g. 4")
     o.add_argument("--batch-size", type=int, default=32, help="prompts per optimisation batch")
     o.add_argument("--out", default="runs/optimize_noise")
     sub.add_parser("demo", help="Gradio demo on 127.0.0.1: compare models, live noise optimisation, runs "

@@ -314,7 +314,9 @@ def _jsonable(x):
         return x.tolist()
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
-    return x
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return repr(x)  # a reward object among the options (FK's potential_reward, CARINOX's category rewards)
 
 
 # ================================================================================================ the context

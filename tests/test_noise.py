@@ -484,6 +484,14 @@ def test_cli_batch_from_a_metadata_file(tiny_sd3, tmp_path, capsys):
     a = json.loads((out2 / "result.json").read_text())
     assert [p["reward_after"] for p in a["per_prompt"]] == pytest.approx([p["reward_after"] for p in
                                                                           res["per_prompt"]])
+    # FK with another reward as the potential, resampling at step 1 only: the options reach optimize()
+    out3 = tmp_path / "hybrid"
+    code, cap = _cli(["--model", tiny_sd3, "--prompts", str(f), "--reward", "shapeworld", "--method", "fk",
+                      "--particles", "2", "--sample-steps", "3", "--potential-reward", "shapeclip=1",
+                      "--resample-at", "1", "--out", str(out3)], capsys)
+    assert code == 0, cap.err
+    h = json.loads((out3 / "result.json").read_text())
+    assert h["info"][0]["resample_at"] == [1] and "shapeclip" in h["info"][0]["potential_reward"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -496,6 +504,9 @@ def test_cli_batch_from_a_metadata_file(tiny_sd3, tmp_path, capsys):
     (["--prompt", "", "--method", "reno"], "--prompt is empty"),
     (["--method", "bon", "--steps", "4"], "--steps counts ReNO/CARINOX iterations; method best_of_n takes --n"),
     (["--reward", "nosuchreward", "--method", "bon"], "unknown reward 'nosuchreward'"),
+    (["--method", "bon", "--potential-reward", "shapevalue"], "--potential-reward applies to --method fk only"),
+    (["--method", "fk", "--resample-at", "4,x"], "--resample-at takes comma-separated step indices, got '4,x'"),
+    (["--method", "fk", "--potential-reward", "nosuchreward"], "unknown reward 'nosuchreward'"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tiny_sd3, tmp_path, capsys, args, message):
     base = ["--model", tiny_sd3, "--sample-steps", "2", "--out", str(tmp_path / "x")]
