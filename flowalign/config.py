@@ -63,6 +63,9 @@ class SampleCfg:
 class TrainCfg:
     iterations: int = 100
     lr: float = 3e-4
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup: int = 0                 # iterations of linear warm-up
+    lr_final: float = 0.0              # cosine / linear: the last iteration's lr as a fraction of lr
     weight_decay: float = 0.0
     adam_betas: list = field(default_factory=lambda: [0.9, 0.999])
     cfg_grad: Literal["both", "cond"] = "both"  # with CFG: train through both branches (flow_grpo) or the
@@ -281,6 +284,10 @@ def validate(cfg: Config) -> Config:
             if getattr(s, key):
                 raise ConfigError(f"sample.{key}: algorithm {cfg.algorithm.name!r} rolls out with the ODE (no SDE "
                                   f"steps), so there is nothing to share or branch; set sample.{key}: false")
+    if t.lr_warmup < 0:
+        raise ConfigError(f"train.lr_warmup: must be >= 0 (iterations), got {t.lr_warmup}")
+    if not 0 <= t.lr_final <= 1:
+        raise ConfigError(f"train.lr_final: a fraction of train.lr in [0, 1], got {t.lr_final}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay: must be in [0, 1), got {t.ema_decay}")
     if len(t.adam_betas) != 2:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from pathlib import Path
 
@@ -33,6 +34,20 @@ def resolve_model_path(path: str) -> str:
         from flowalign.shapeworld import MODEL_DIR
         return str(MODEL_DIR)
     return path
+
+
+def lr_factor(t, it: int) -> float:
+    """The learning rate of iteration ``it`` (0-based) as a fraction of ``train.lr``: a linear warm-up over
+    ``train.lr_warmup`` iterations, then ``train.lr_schedule``: constant, or cosine / linear from 1 at the end of the
+    warm-up to ``train.lr_final`` at the last iteration."""
+    if t.lr_warmup > 0 and it < t.lr_warmup:
+        return (it + 1) / t.lr_warmup
+    if t.lr_schedule == "constant":
+        return 1.0
+    span = max(1, t.iterations - 1 - t.lr_warmup)
+    p = min(1.0, max(0.0, (it - t.lr_warmup) / span))
+    shape = 0.5 * (1 + math.cos(math.pi * p)) if t.lr_schedule == "cosine" else 1 - p
+    return t.lr_final + (1 - t.lr_final) * shape
 
 
 class Trainer:
@@ -248,8 +263,12 @@ class Trainer:
         if n == 0:
             return {"trained_frac": 0.0}
         stats: dict[str, list[float]] = {}
+        lr = self.cfg.train.lr * lr_factor(self.cfg.train, it)
+        for group in self.opt.param_groups:  # a function of the iteration alone: a resumed run gets the same lr
+            group["lr"] = lr
         self._train_passes(work, stats, gen)
         out = {k: float(np.mean(v)) for k, v in stats.items()}
+        out["lr"] = lr
         out["trained_frac"] = n / len(traj)
         worst = [k for k in ("ratio_dev", "onpolicy_ratio_dev") if k in stats]
         for key in worst:

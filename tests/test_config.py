@@ -19,6 +19,10 @@ def test_shipped_configs_load(path):
     ({"trainer": {}}, r"unknown key 'trainer'"),
     ({"train": {"lr": "fast"}}, r"train.lr: expected a number, got 'fast'"),
     ({"train": {"lr": -1.0}}, r"train.lr: must be > 0"),
+    ({"train": {"lr_schedule": "step"}}, r"train.lr_schedule: 'step' is not allowed; choose one of 'constant', "
+                                         r"'cosine', 'linear'"),
+    ({"train": {"lr_warmup": -1}}, r"train.lr_warmup: must be >= 0"),
+    ({"train": {"lr_final": 1.5}}, r"train.lr_final: a fraction of train.lr in \[0, 1\], got 1.5"),
     ({"sample": {"group_size": 1}}, r"sample.group_size: group advantages need at least 2"),
     ({"sample": {"kernel": "euler"}}, r"sample.kernel: 'euler' is not allowed; choose one of 'sde', 'cps'"),
     ({"sample": {"sde_steps": "first:x"}}, r"sample.sde_steps"),

@@ -494,3 +494,26 @@ def test_base_from_reuses_the_base_evaluation_only_under_the_same_protocol(tiny_
                          eval={"num_steps": 2, "n_per_task": 1, "base_from": str(tmp_path / "nowhere")}))
     with pytest.raises(TrainingError, match="has no config.json and base_eval.json"):
         t.run()
+
+
+def test_lr_schedule_by_hand_and_logged_per_iteration(tiny_sd3, tmp_path):
+    from types import SimpleNamespace
+
+    from flowalign.trainer import lr_factor
+
+    t = SimpleNamespace(iterations=5, lr_warmup=0, lr_schedule="cosine", lr_final=0.1)
+    # cosine from 1 at iteration 0 to 0.1 at iteration 4: 0.1 + 0.9 * (1 + cos(pi * i / 4)) / 2
+    assert [lr_factor(t, i) for i in range(5)] == pytest.approx([1.0, 0.1 + 0.9 * (1 + 2 ** -0.5) / 2, 0.55,
+                                                                 0.1 + 0.9 * (1 - 2 ** -0.5) / 2, 0.1])
+    t = SimpleNamespace(iterations=6, lr_warmup=2, lr_schedule="linear", lr_final=0.0)
+    # warm-up 1/2, 2/2, then linear from 1 (iteration 2) to 0 (iteration 5)
+    assert [lr_factor(t, i) for i in range(6)] == pytest.approx([0.5, 1.0, 1.0, 2 / 3, 1 / 3, 0.0])
+    t = SimpleNamespace(iterations=3, lr_warmup=0, lr_schedule="constant", lr_final=0.0)
+    assert [lr_factor(t, i) for i in range(3)] == [1.0, 1.0, 1.0]
+    # the trainer sets the optimizer's lr from it every iteration and logs it
+    tr = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", train={"iterations": 3, "lr": 1e-2, "batch_size": 4,
+                                                              "lr_schedule": "linear", "lr_final": 0.5}))
+    tr.run()
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in recs] == pytest.approx([1e-2, 0.75e-2, 0.5e-2])
+    assert tr.opt.param_groups[0]["lr"] == pytest.approx(0.5e-2)
