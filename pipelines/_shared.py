@@ -290,11 +290,32 @@ class DenoiserTraining:
 
 
 class DDPMFlowSteps:
-    """The flow view of a DDPM adapter (SD1.5, SDXL): x_T and the schedule in flow coordinates, the UNet's native
-    output with CFG (``predict_native``), conversions of the native epsilon / v output at VP latents, ``predict``
-    (the flow velocity eps - x0 at flow latents) and ``step`` (DDIM with eta on the flow view, or a flow kernel). A helper class, not an adapter; the adapter provides ``prediction_type``,
-    ``view`` (a ``DDPMView``), ``scheduler``, ``unet``, ``_pol``, ``_call(model, x, t, cond, negative)`` (the UNet on
-    the unconditional rows, the conditional ones, or both) and ``kernels``."""
+    """The flow view of a DDPM adapter (SD1.5, SDXL): the UNet's device, size and latent shape; x_T and the schedule
+    in flow coordinates; the UNet's native output with CFG (``predict_native``); conversions of the native epsilon /
+    v output at VP latents; ``predict`` (the flow velocity eps - x0 at flow latents) and ``step`` (DDIM with eta on
+    the flow view, or a flow kernel). A helper class, not an adapter; the adapter provides ``prediction_type``,
+    ``view`` (a ``DDPMView``), ``scheduler``, ``unet``, ``pipe``, ``resolution``, ``_pol``, ``_call(model, x, t,
+    cond, negative)`` (the UNet on the unconditional rows, the conditional ones, or both) and ``kernels``."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    @property
+    def default_size(self) -> int:
+        return self.resolution or self.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        h, w = height or self.default_size, width or self.default_size
+        f = self.pipe.vae_scale_factor
+        m = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if h % m or w % m:
+            raise ValueError(f"image size {h}x{w} must be a multiple of {m}")
+        return (self.unet.config.in_channels, h // f, w // f)
 
     def init_noise(self, n: int, generator=None, height=None, width=None) -> torch.Tensor:
         """x_T: the stock pipeline's draw z (one randn of the batch, or one per generator), the VP latent at the top

@@ -83,25 +83,7 @@ class SD15Adapter(DDPMFlowSteps, DenoiserTraining):
         apply_gpu_options(pipe, ad.unet, attention=attention, vae_slicing=vae_slicing, vae_tiling=vae_tiling)
         return ad
 
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.unet
-
-    @property
-    def default_size(self) -> int:
-        return self.resolution or self.unet.config.sample_size * self.pipe.vae_scale_factor
-
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-        h, w = height or self.default_size, width or self.default_size
-        f = self.pipe.vae_scale_factor
-        m = f * 2 ** (len(self.unet.config.block_out_channels) - 1)
-        if h % m or w % m:
-            raise ValueError(f"image size {h}x{w} must be a multiple of {m}")
-        return (self.unet.config.in_channels, h // f, w // f)
+    # device / denoiser / default_size / latent_shape: _shared.DDPMFlowSteps
 
     # ------------------------------------------------------------------------------------------ conditioning
     @torch.no_grad()
