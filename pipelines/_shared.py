@@ -1,6 +1,6 @@
-"""Pieces the FLUX, SD1.5 and SDXL adapters share by composition (no adapter inherits from another):
+"""Pieces the SD3, FLUX, SD1.5 and SDXL adapters share (helper classes mixed in; no adapter inherits from another):
 
-- ``PolicyStore``: the named policies of an adapter ("reference", "old", "ema", ...), as the SD3 adapter keeps them:
+- ``PolicyStore``: the named policies of an adapter ("reference", "old", "ema", ...):
   a frozen module copy for full fine-tuning, a copy of the LoRA tensors (swapped in by pointer) for a LoRA run, or
   nothing for a LoRA run's reference (adapters disabled);
 - ``DDPMView``: the flow view of a DDPM (epsilon / v-prediction) model. A VP latent x_vp = sqrt(ab) x0 + sqrt(1-ab)
@@ -259,28 +259,39 @@ class DenoiserTraining:
     def enable_gradient_checkpointing(self):
         self.denoiser.enable_gradient_checkpointing()
 
-    # named policies (see pipelines/base.py and the SD3 adapter)
+    # named policies (the contract: pipelines/base.py)
     def add_policy(self, name: str) -> None:
+        """Keep a policy besides the trained one, initialised to the current weights: ``"reference"`` (the frozen
+        start: for a LoRA run the adapters disabled, nothing stored) or any other name (e.g. ``"old"``: moved with
+        ``snapshot_policy`` / ``lerp_policy``). Full fine-tuning keeps a frozen module copy; a LoRA run keeps a copy
+        of the LoRA tensors only, swapped in for that policy's forwards (a second adapter's worth of memory)."""
         self._pol.add(name)
 
     def policy_tensors(self, name: str) -> list[torch.Tensor]:
+        """The weights of a named policy that has its own (not a LoRA run's reference), in the order of the
+        trained parameters: for checkpoints (read, or ``copy_`` into them to restore)."""
         return self._pol.tensors(name)
 
     @torch.no_grad()
     def snapshot_policy(self, name: str) -> None:
+        """Set a named policy to the current trained weights."""
         self._pol.lerp(name, 1.0)
 
     @torch.no_grad()
     def lerp_policy(self, name: str, weight: float) -> None:
+        """policy <- policy + weight x (current - policy) (EMA of the trained weights with decay 1 - weight)."""
         self._pol.lerp(name, weight)
 
     def policy(self, name: str):
+        """Inside, ``predict`` uses the named policy (see ``add_policy``); use it under no_grad."""
         return self._pol.use(name)
 
     def reference(self):
+        """Inside, ``predict`` uses the reference model: LoRA disabled, or a frozen copy (full fine-tuning)."""
         return self._pol.reference()
 
     def freeze_reference(self):
+        """Keep the current weights as the reference (``add_policy('reference')``)."""
         self._pol.add("reference")
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
@@ -388,7 +399,7 @@ class DDPMFlowSteps:
     def predict(self, x: torch.Tensor, sigma, cond: Cond, guidance: float = 1.0, module: torch.nn.Module | None = None,
                 cfg_grad: str = "both") -> torch.Tensor:
         """The flow velocity eps - x0 at flow latents x and flow sigma(s) (see the module docstring); ``module`` /
-        ``cfg_grad`` as in the SD3 adapter; inside ``policy(name)`` the named policy runs."""
+        ``cfg_grad`` as in the SD3 adapter's ``predict``; inside ``policy(name)`` the named policy runs."""
         x0, eps, _ = self._predictions(x, sigma, cond, guidance, module, cfg_grad)
         return eps - x0
 

@@ -5,7 +5,6 @@ The embedded ShapeWorld model is this architecture (two tiny CLIP encoders, no T
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -13,17 +12,19 @@ import torch
 
 from flowalign import samplers
 
+from ._shared import DenoiserTraining, PolicyStore
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections LoRA targets in SD3's joint transformer blocks (flow_grpo's choice)
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 
-class SD3Adapter:
+class SD3Adapter(DenoiserTraining):
     family = "sd3"
     prediction_type = "flow"
     supports_cfg = True
     kernels = ("sde", "cps")  # the stochastic steps ``step`` implements (the trainer refuses others)
+    lora_targets = LORA_TARGETS
 
     def __init__(self, pipe, max_sequence_length: int | None = None, resolution: int | None = None):
         self.pipe = pipe
@@ -37,11 +38,10 @@ class SD3Adapter:
         # without T5 the sequence is CLIP tokens only: max_sequence_length 0 adds no padded T5 rows
         self.max_sequence_length = (0 if pipe.text_encoder_3 is None else 256) if max_sequence_length is None \
             else max_sequence_length
-        # named policies besides the trained one: a frozen module copy (full fine-tuning), the LoRA tensors of that
-        # policy (LoRA; swapped in for its forwards), or None for the reference of a LoRA run (adapters disabled)
-        self._policies: dict[str, torch.nn.Module | list[torch.Tensor] | None] = {}
-        self._active: str | None = None  # the named policy ``predict`` uses inside ``policy(name)``
         self.lora_config = None
+        # named policies besides the trained one (_shared.PolicyStore): a frozen module copy (full fine-tuning), the
+        # LoRA tensors of that policy (swapped in for its forwards), or None for a LoRA run's reference
+        self._pol = PolicyStore(lambda: self.transformer, lambda: self.lora_config is not None)
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -111,19 +111,13 @@ class SD3Adapter:
         scales)."""
         if cfg_grad not in ("both", "cond"):
             raise ValueError(f"cfg_grad must be 'both' or 'cond', got {cfg_grad!r}")
-        pol = self._policies.get(self._active) if self._active else None
-        if isinstance(pol, torch.nn.Module):
-            model = pol
-        elif self._active is not None:  # LoRA tensors swapped in, or adapters disabled: the plain module
-            model = self.transformer
-        else:
-            model = module if module is not None else self.transformer
+        model = self._pol.model(module)
         B = x.shape[0]
         t = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(B) * 1000
         use_cfg = guidance > 1.0 and cond.neg_embeds is not None
         if use_cfg and cfg_grad == "cond" and torch.is_grad_enabled():
             with torch.no_grad():
-                plain = self.transformer if self._active is None else model
+                plain = self.transformer if self._pol.active is None else model
                 u = plain(hidden_states=x, timestep=t, encoder_hidden_states=cond.neg_embeds,
                           pooled_projections=cond.neg_pooled, return_dict=False)[0].float()
             c = model(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled,
@@ -158,108 +152,7 @@ class SD3Adapter:
             img = self.vae.decode(z, return_dict=False)[0]
         return ((img.float() + 1) / 2).clamp(0, 1)
 
-    # ------------------------------------------------------------------------------------------ training
-    def add_lora(self, rank: int = 32, alpha: float = 64, targets=LORA_TARGETS, init: str | bool = "gaussian"):
-        from peft import LoraConfig
-
-        present = {n.split(".")[-1] if not n.endswith("to_out.0") else "to_out.0"
-                   for n, _ in self.transformer.named_modules()}
-        targets = [t for t in targets if t in present]
-        self.lora_config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=init, target_modules=targets)
-        self.transformer.requires_grad_(False)
-        self.transformer.add_adapter(self.lora_config)
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    def full_finetune(self):
-        self.transformer.requires_grad_(True)
-        return list(self.transformer.parameters())
-
-    def trainable_parameters(self):
-        return [p for p in self.transformer.parameters() if p.requires_grad]
-
-    # ------------------------------------------------------------------------------------------ named policies
-    def add_policy(self, name: str) -> None:
-        """Keep a policy besides the trained one, initialised to the current weights: ``"reference"`` (the frozen
-        start: for a LoRA run the adapters disabled, nothing stored) or any other name (e.g. ``"old"``: moved with
-        ``snapshot_policy`` / ``lerp_policy``). Full fine-tuning keeps a frozen module copy; a LoRA run keeps a copy
-        of the LoRA tensors only, swapped in for that policy's forwards (a second adapter's worth of memory)."""
-        if name in self._policies:
-            return
-        if name == "reference" and self.lora_config is not None:
-            self._policies[name] = None
-        elif self.lora_config is not None:
-            self._policies[name] = [p.detach().clone() for p in self.trainable_parameters()]
-        else:
-            self._policies[name] = copy.deepcopy(self.transformer).requires_grad_(False).eval()
-
-    def policy_tensors(self, name: str) -> list[torch.Tensor]:
-        """The weights of a named policy that has its own (not a LoRA run's reference), in the order of the
-        trained parameters: for checkpoints (read, or ``copy_`` into them to restore)."""
-        return self._policy_tensors(name)
-
-    def _policy_tensors(self, name: str) -> list[torch.Tensor]:
-        pol = self._policies.get(name, "missing")
-        if pol is None or isinstance(pol, str):
-            raise RuntimeError(f"policy {name!r} has no weights of its own (known: {sorted(self._policies)})")
-        return [p for p in pol.parameters()] if isinstance(pol, torch.nn.Module) else pol
-
-    @torch.no_grad()
-    def snapshot_policy(self, name: str) -> None:
-        """Set a named policy to the current trained weights."""
-        self.lerp_policy(name, 1.0)
-
-    @torch.no_grad()
-    def lerp_policy(self, name: str, weight: float) -> None:
-        """policy <- policy + weight x (current - policy) (EMA of the trained weights with decay 1 - weight)."""
-        live = self.trainable_parameters() if self.lora_config is not None else list(self.transformer.parameters())
-        torch._foreach_lerp_(self._policy_tensors(name), [p.detach() for p in live], float(weight))
-
-    @contextlib.contextmanager
-    def policy(self, name: str):
-        """Inside, ``predict`` uses the named policy (see ``add_policy``); use it under no_grad."""
-        if name not in self._policies:
-            raise RuntimeError(f"no policy {name!r}: call adapter.add_policy({name!r}) before training "
-                               f"(known: {sorted(self._policies)})")
-        if self._active is not None:
-            raise RuntimeError(f"policy({name!r}) inside policy({self._active!r})")
-        pol = self._policies[name]
-        swap = isinstance(pol, list)
-        params = self.trainable_parameters() if swap else []
-        if pol is None:
-            self.transformer.disable_adapters()
-        elif swap:  # LoRA: put that policy's tensors in place (pointer swap, no copy)
-            for p, s in zip(params, pol):
-                p.data, s.data = s.data, p.data
-        self._active = name
-        try:
-            yield
-        finally:
-            self._active = None
-            if pol is None:
-                self.transformer.enable_adapters()
-            elif swap:
-                for p, s in zip(params, pol):
-                    p.data, s.data = s.data, p.data
-
-    def reference(self):
-        """Inside, ``predict`` uses the reference model: LoRA disabled, or a frozen copy (full fine-tuning)."""
-        if "reference" not in self._policies:
-            if self.lora_config is None:
-                raise RuntimeError("no reference model: call adapter.add_policy('reference') before training")
-            self.add_policy("reference")  # a LoRA run's reference needs no storage: the adapters disabled
-        return self.policy("reference")
-
-    def freeze_reference(self):
-        """Keep the current weights as the reference (``add_policy('reference')``)."""
-        self.add_policy("reference")
-
-    def enable_gradient_checkpointing(self):
-        self.transformer.enable_gradient_checkpointing()
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        from peft.utils import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.transformer)
+    # add_lora / full_finetune / named policies / gradient checkpointing: _shared.DenoiserTraining
 
     def save_trained(self, directory) -> None:
         """LoRA weights in the diffusers format (``pipe.load_lora_weights(directory)``), or the full transformer."""

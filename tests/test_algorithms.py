@@ -116,7 +116,7 @@ def test_named_policies_snapshot_lerp_and_predict(tiny_sd3, lora):
         assert torch.allclose(ad.predict(x, 0.5, cond), v0, atol=1e-6)
     assert torch.equal(ad.predict(x, 0.5, cond).detach(), v1)  # the trained weights are back after the context
     ad.lerp_policy("old", 0.25)
-    old = ad._policy_tensors("old")
+    old = ad.policy_tensors("old")
     assert all(torch.allclose(o, s + 0.25 * 0.1, atol=1e-6) for o, s in zip(old, start))
     ad.snapshot_policy("old")
     with torch.no_grad(), ad.policy("old"):
@@ -154,14 +154,14 @@ def test_forward_process_algorithms_train_through_the_trainer(tiny_sd3, tmp_path
     else:
         assert all("ema_kl" in r and "match_loss" in r for r in recs)
         # "old" is the snapshot taken at the end of the last iteration: the final weights
-        old = t.adapter._policy_tensors("old")
+        old = t.adapter.policy_tensors("old")
         assert all(torch.equal(o, p) for o, p in zip(old, t.params))
 
 
 def test_nft_old_policy_follows_by_the_decay_schedule(tiny_sd3, tmp_path):
     t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", algorithm={"name": "nft", "decay_rate": 0.25, "decay_max": 0.4},
                          train={"iterations": 1, "lr": 1e-2, "batch_size": 8, "updates_per_iter": 1}))
-    old = t.adapter._policy_tensors("old")
+    old = t.adapter.policy_tensors("old")
     prev = [o.clone() for o in old]
     t.algo.end_iteration(t.adapter, 1)  # decay 0.25: old <- old + 0.75 (current - old)
     with torch.no_grad():
