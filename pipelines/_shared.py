@@ -10,7 +10,7 @@
   on it unchanged; DDIM (eta = 0) in these coordinates is exactly the Euler step of the flow ODE.
 - LoRA helpers: which target names a module has, a GPU-options helper;
 - ``DenoiserTraining``: LoRA / full fine-tuning and the named-policy methods over ``self.denoiser``, and
-  ``save_unet_trained`` / ``load_unet_trained`` for the UNet adapters;
+  ``save_denoiser_trained`` / ``load_denoiser_trained`` (a run's ``final/`` or checkpoint, UNet or transformer);
 - ``DDPMFlowSteps``: the flow-view ``predict`` and ``step`` (and the epsilon / v conversions) of the UNet adapters.
 """
 from __future__ import annotations
@@ -186,9 +186,11 @@ def apply_gpu_options(pipe, denoiser, *, attention: str | None = None, vae_slici
     return on
 
 
-def save_unet_trained(adapter, directory, pipeline: str) -> None:
-    """A UNet adapter's trained weights: LoRA in the diffusers format of ``diffusers.<pipeline>`` (its
-    ``load_lora_weights`` reads it back, with the rank / alpha metadata), or the full ``unet/``."""
+def save_denoiser_trained(adapter, directory, pipeline: str, part: str) -> None:
+    """An adapter's trained weights: LoRA in the diffusers format of ``diffusers.<pipeline>`` (its
+    ``load_lora_weights`` reads it back, with the rank / alpha metadata travelling with the weights), or the full
+    denoiser in ``<part>/`` (``part``: "unet" or "transformer", also the adapter's attribute and the pipeline's
+    component name)."""
     from pathlib import Path
 
     directory = Path(directory)
@@ -196,15 +198,16 @@ def save_unet_trained(adapter, directory, pipeline: str) -> None:
     if adapter.lora_config is not None:
         import diffusers
 
-        getattr(diffusers, pipeline).save_lora_weights(str(directory), unet_lora_layers=adapter.lora_state_dict(),
-                                                       unet_lora_adapter_metadata=adapter.lora_config.to_dict())
+        getattr(diffusers, pipeline).save_lora_weights(
+            str(directory), **{f"{part}_lora_layers": adapter.lora_state_dict(),
+                               f"{part}_lora_adapter_metadata": adapter.lora_config.to_dict()})
     else:
-        adapter.unet.save_pretrained(str(directory / "unet"))
+        getattr(adapter, part).save_pretrained(str(directory / part))
 
 
-def load_unet_trained(adapter, directory) -> None:
-    """Apply what ``save_unet_trained`` wrote (LoRA weights or a full ``unet/``), or a full fine-tuning run's
-    checkpoint directory, to a UNet adapter."""
+def load_denoiser_trained(adapter, directory, part: str, model_class: str) -> None:
+    """Apply what ``save_denoiser_trained`` wrote (LoRA weights, or a full ``<part>/`` loaded as
+    ``diffusers.<model_class>``), or a full fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
     from pathlib import Path
 
     from flowalign import checkpoint
@@ -212,22 +215,28 @@ def load_unet_trained(adapter, directory) -> None:
     from .base import ModelLoadError
 
     directory = Path(directory)
+    current = getattr(adapter, part)
     if checkpoint.is_checkpoint(directory):
+        # a trainer checkpoint: the trainable weights of a full fine-tuning run
         weights = checkpoint.load_weights(directory)
         if any("lora_" in k for k in weights):
-            raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ directory")
-        res = adapter.unet.load_state_dict(weights, strict=False)
+            raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ directory, "
+                                 f"or resume the run to write one")
+        res = current.load_state_dict(weights, strict=False)
         if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
-            raise ModelLoadError(f"{directory}: checkpoint weights do not fit this UNet")
-    elif (directory / "unet").is_dir():
-        from diffusers import UNet2DConditionModel
+            raise ModelLoadError(f"{directory}: checkpoint weights do not fit this {part} "
+                                 f"({len(res.unexpected_keys)} unexpected, {len(res.missing_keys)} missing)")
+    elif (directory / part).is_dir():
+        import diffusers
 
-        unet = UNet2DConditionModel.from_pretrained(str(directory / "unet"), torch_dtype=adapter.unet.dtype)
-        adapter.unet = adapter.pipe.unet = unet.to(adapter.device).eval().requires_grad_(False)
+        model = getattr(diffusers, model_class).from_pretrained(str(directory / part), torch_dtype=current.dtype)
+        model = model.to(adapter.device).eval().requires_grad_(False)
+        setattr(adapter, part, model)
+        setattr(adapter.pipe, part, model)
     elif directory.is_dir() and any(directory.glob("*.safetensors")):
         adapter.pipe.load_lora_weights(str(directory))
     else:
-        raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/unet/ (full fine-tuning) "
+        raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/{part}/ (full fine-tuning) "
                              f"or LoRA .safetensors (a run's final/ directory)")
 
 

@@ -25,7 +25,7 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import DenoiserTraining, PolicyStore, apply_gpu_options
+from ._shared import DenoiserTraining, load_denoiser_trained, PolicyStore, save_denoiser_trained, apply_gpu_options
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections of the double-stream blocks (image and text streams) and the single-stream blocks
@@ -216,37 +216,11 @@ class FluxAdapter(DenoiserTraining):
     # ------------------------------------------------------------------------------------------ training
     # add_lora / full_finetune / named policies: _shared.DenoiserTraining
     def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``FluxPipeline.load_lora_weights(directory)``, with rank / alpha
+        """LoRA weights in the diffusers format (``FluxPipeline.load_lora_weights(directory)``, with the rank / alpha
         metadata), or the full ``transformer/``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.lora_config is not None:
-            from diffusers import FluxPipeline
-
-            FluxPipeline.save_lora_weights(str(directory), transformer_lora_layers=self.lora_state_dict(),
-                                           transformer_lora_adapter_metadata=self.lora_config.to_dict())
-        else:
-            self.transformer.save_pretrained(str(directory / "transformer"))
+        save_denoiser_trained(self, directory, "FluxPipeline", "transformer")
 
     def load_trained(self, directory) -> None:
-        from flowalign import checkpoint
-
-        directory = Path(directory)
-        if checkpoint.is_checkpoint(directory):
-            weights = checkpoint.load_weights(directory)
-            if any("lora_" in k for k in weights):
-                raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ directory")
-            res = self.transformer.load_state_dict(weights, strict=False)
-            if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
-                raise ModelLoadError(f"{directory}: checkpoint weights do not fit this transformer")
-        elif (directory / "transformer").is_dir():
-            from diffusers import FluxTransformer2DModel
-
-            tr = FluxTransformer2DModel.from_pretrained(str(directory / "transformer"),
-                                                        torch_dtype=self.transformer.dtype)
-            self.transformer = self.pipe.transformer = tr.to(self.device).eval().requires_grad_(False)
-        elif directory.is_dir() and any(directory.glob("*.safetensors")):
-            self.pipe.load_lora_weights(str(directory))
-        else:
-            raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/transformer/ (full "
-                                 f"fine-tuning) or LoRA .safetensors (a run's final/ directory)")
+        """Apply what ``save_trained`` wrote (a run's ``final/``: LoRA weights, or a full ``transformer/``), or a full
+        fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
+        load_denoiser_trained(self, directory, "transformer", "FluxTransformer2DModel")

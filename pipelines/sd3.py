@@ -12,7 +12,7 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import DenoiserTraining, PolicyStore
+from ._shared import DenoiserTraining, load_denoiser_trained, PolicyStore, save_denoiser_trained
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections LoRA targets in SD3's joint transformer blocks (flow_grpo's choice)
@@ -152,48 +152,14 @@ class SD3Adapter(DenoiserTraining):
             img = self.vae.decode(z, return_dict=False)[0]
         return ((img.float() + 1) / 2).clamp(0, 1)
 
+    # ------------------------------------------------------------------------------------------ training
     # add_lora / full_finetune / named policies / gradient checkpointing: _shared.DenoiserTraining
-
     def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``pipe.load_lora_weights(directory)``), or the full transformer."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.lora_config is not None:
-            from diffusers import StableDiffusion3Pipeline
-
-            # the adapter metadata (rank, alpha, targets) travels with the weights, so that load_lora_weights
-            # applies the same alpha / rank scale
-            StableDiffusion3Pipeline.save_lora_weights(
-                str(directory), transformer_lora_layers=self.lora_state_dict(),
-                transformer_lora_adapter_metadata=self.lora_config.to_dict())
-        else:
-            self.transformer.save_pretrained(str(directory / "transformer"))
+        """LoRA weights in the diffusers format (``StableDiffusion3Pipeline.load_lora_weights(directory)``, with the
+        rank / alpha metadata), or the full ``transformer/``."""
+        save_denoiser_trained(self, directory, "StableDiffusion3Pipeline", "transformer")
 
     def load_trained(self, directory) -> None:
         """Apply what ``save_trained`` wrote (a run's ``final/``: LoRA weights, or a full ``transformer/``), or a full
         fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
-        from flowalign.pipelines.base import ModelLoadError
-
-        directory = Path(directory)
-        from flowalign import checkpoint
-
-        if checkpoint.is_checkpoint(directory):
-            # a trainer checkpoint (checkpoints/iter_N): the trainable weights of a full fine-tuning run
-            weights = checkpoint.load_weights(directory)
-            if any("lora_" in k for k in weights):
-                raise ModelLoadError(f"{directory} is a LoRA training checkpoint: evaluate the run's final/ "
-                                     f"directory, or resume the run to write one")
-            res = self.transformer.load_state_dict(weights, strict=False)
-            if res.unexpected_keys or any(k.endswith(("weight", "bias")) for k in res.missing_keys):
-                raise ModelLoadError(f"{directory}: checkpoint weights do not fit this transformer "
-                                     f"({len(res.unexpected_keys)} unexpected, {len(res.missing_keys)} missing)")
-        elif (directory / "transformer").is_dir():
-            from diffusers import SD3Transformer2DModel
-
-            tr = SD3Transformer2DModel.from_pretrained(str(directory / "transformer"), torch_dtype=self.transformer.dtype)
-            self.transformer = self.pipe.transformer = tr.to(self.device).eval().requires_grad_(False)
-        elif directory.is_dir() and any(directory.glob("*.safetensors")):
-            self.pipe.load_lora_weights(str(directory))
-        else:
-            raise ModelLoadError(f"no trained weights in {directory}: expected {directory}/transformer/ (full "
-                                 f"fine-tuning) or LoRA .safetensors (a run's final/ directory)")
+        load_denoiser_trained(self, directory, "transformer", "SD3Transformer2DModel")

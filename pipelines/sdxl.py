@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 
-from ._shared import (apply_gpu_options, DDPMFlowSteps, DDPMView, DenoiserTraining, load_unet_trained, PolicyStore,
-                      save_unet_trained, vp_scale)
+from ._shared import (apply_gpu_options, DDPMFlowSteps, DDPMView, DenoiserTraining, load_denoiser_trained, PolicyStore,
+                      save_denoiser_trained, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
 # the UNet's attention projections (self- and cross-attention), as the diffusers LoRA training scripts use
@@ -142,9 +142,9 @@ class SDXLAdapter(DDPMFlowSteps, DenoiserTraining):
     def save_trained(self, directory) -> None:
         """LoRA weights in the diffusers format (``StableDiffusionXLPipeline.load_lora_weights(directory)``, with the
         rank / alpha metadata), or the full ``unet/``."""
-        save_unet_trained(self, directory, "StableDiffusionXLPipeline")
+        save_denoiser_trained(self, directory, "StableDiffusionXLPipeline", "unet")
 
     def load_trained(self, directory) -> None:
         """Apply what ``save_trained`` wrote (LoRA weights or a full ``unet/``), or a full fine-tuning run's
         checkpoint directory."""
-        load_unet_trained(self, directory)
+        load_denoiser_trained(self, directory, "unet", "UNet2DConditionModel")
