@@ -309,13 +309,52 @@ class DenoiserTraining:
         return get_peft_model_state_dict(self.denoiser)
 
 
+# the UNet's attention projections (self- and cross-attention), as the diffusers LoRA training scripts use
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def ddim_scheduler(config):
+    """The DDIM scheduler the UNet adapters sample with: the checkpoint's betas and prediction type, trailing
+    spacing, no clipping or thresholding (the stock SD configs set neither)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False)
+
+
 class DDPMFlowSteps:
-    """The flow view of a DDPM adapter (SD1.5, SDXL): the UNet's device, size and latent shape; x_T and the schedule
-    in flow coordinates; the UNet's native output with CFG (``predict_native``); conversions of the native epsilon /
-    v output at VP latents; ``predict`` (the flow velocity eps - x0 at flow latents) and ``step`` (DDIM with eta on
-    the flow view, or a flow kernel). A helper class, not an adapter; the adapter provides ``prediction_type``,
-    ``view`` (a ``DDPMView``), ``scheduler``, ``unet``, ``pipe``, ``resolution``, ``_pol``, ``_call(model, x, t,
-    cond, negative)`` (the UNet on the unconditional rows, the conditional ones, or both) and ``kernels``."""
+    """The flow view of a DDPM adapter (SD1.5, SDXL): its set-up from a pipeline (``_setup_unet``); the UNet's
+    device, size and latent shape; x_T and the schedule in flow coordinates; the UNet's native output with CFG
+    (``predict_native``); conversions of the native epsilon / v output at VP latents; ``predict`` (the flow velocity
+    eps - x0 at flow latents) and ``step`` (DDIM with eta on the flow view, or a flow kernel). A helper class, not an
+    adapter; the adapter provides ``_call(model, x, t, cond, negative)`` (the UNet on the unconditional rows, the
+    conditional ones, or both) and ``kernels``."""
+
+    def _setup_unet(self, pipe, resolution: int | None, cache_text: bool, encoders, upcast_vae: bool = False) -> None:
+        """What both UNet adapters' ``__init__`` do: the DDIM scheduler on the checkpoint's config, the prediction
+        type checked, frozen VAE / text ``encoders``, the flow view, no LoRA yet, the named-policy store and the
+        optional prompt-embedding cache. ``upcast_vae``: a float16 VAE whose config says ``force_upcast`` decodes in
+        float32, as the stock SDXL pipeline does (GPU path, untested here)."""
+        from .base import ModelLoadError
+
+        self.pipe = pipe
+        self.resolution = resolution
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
+        self.scheduler = pipe.scheduler
+        self.prediction_type = self.scheduler.config.prediction_type  # "epsilon" or "v_prediction"
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+        self.unet = pipe.unet
+        self.vae = pipe.vae
+        for m in (pipe.vae, *encoders):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        if upcast_vae and self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)
+        self.view = DDPMView(self.scheduler.alphas_cumprod, float(self.scheduler.final_alpha_cumprod))
+        self.lora_config = None
+        self._pol = PolicyStore(lambda: self.unet, lambda: self.lora_config is not None)
+        self._text_cache: dict | None = {} if cache_text else None
 
     @property
     def device(self) -> torch.device:

@@ -24,47 +24,20 @@ from __future__ import annotations
 import torch
 
 
-from ._shared import (apply_gpu_options, DDPMFlowSteps, DDPMView, DenoiserTraining, load_denoiser_trained, PolicyStore,
-                      save_denoiser_trained, vp_scale)
+from ._shared import (apply_gpu_options, DDPMFlowSteps, DenoiserTraining, load_denoiser_trained, save_denoiser_trained,
+                      UNET_LORA_TARGETS, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
-
-# the UNet's attention projections (self- and cross-attention), as the diffusers LoRA training scripts use
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-def ddim_scheduler(config):
-    """The DDIM scheduler the adapter samples with: the checkpoint's betas and prediction type, trailing spacing,
-    no clipping or thresholding (the stock SD configs set neither)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, thresholding=False)
 
 
 class SD15Adapter(DDPMFlowSteps, DenoiserTraining):
     family = "sd15"
-    lora_targets = LORA_TARGETS
+    lora_targets = UNET_LORA_TARGETS
     supports_cfg = True
     kernels = ("ddim", "sde", "cps")
     default_kernel = "ddim"
 
     def __init__(self, pipe, resolution: int | None = None, cache_text: bool = False):
-        self.pipe = pipe
-        self.resolution = resolution
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
-        self.scheduler = pipe.scheduler
-        self.prediction_type = self.scheduler.config.prediction_type  # "epsilon" or "v_prediction"
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ModelLoadError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
-        self.unet = pipe.unet
-        self.vae = pipe.vae
-        for m in (pipe.vae, pipe.text_encoder):
-            if m is not None:
-                m.requires_grad_(False).eval()
-        self.view = DDPMView(self.scheduler.alphas_cumprod, float(self.scheduler.final_alpha_cumprod))
-        self.lora_config = None
-        self._pol = PolicyStore(lambda: self.unet, lambda: self.lora_config is not None)
-        self._text_cache: dict | None = {} if cache_text else None
+        self._setup_unet(pipe, resolution, cache_text, (pipe.text_encoder,))
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod

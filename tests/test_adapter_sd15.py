@@ -109,7 +109,7 @@ def test_rollout_log_probs_and_on_policy_ratio_exactly_one(tiny_sd15):
 def test_lora_saved_and_loaded_by_the_stock_pipeline(tiny_sd15, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from flowalign.pipelines.sd15 import ddim_scheduler
+    from flowalign.pipelines._shared import ddim_scheduler
 
     ad = SD15Adapter.from_pretrained(tiny_sd15)
     params = ad.add_lora(rank=4, alpha=8)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from flowalign.pipelines.base import load_adapter
-from flowalign.pipelines.sdxl import SDXLAdapter, ddim_scheduler
+from flowalign.pipelines._shared import ddim_scheduler
+from flowalign.pipelines.sdxl import SDXLAdapter
 from flowalign.rollout import replay_step, rollout, sample_ode, sde_mask
 from tiny_families import build_tiny_sdxl
 
