@@ -309,6 +309,17 @@ class DenoiserTraining:
         return get_peft_model_state_dict(self.denoiser)
 
 
+def cached_cond(cache: dict | None, prompts: list[str], negative: str | None, make) -> Cond:
+    """``make()`` (an adapter's prompt encoding), memoised in ``cache`` by (prompts, negative) when the adapter was
+    built with ``cache_text=True`` (``cache`` a dict), computed every time otherwise (``cache`` None)."""
+    if cache is None:
+        return make()
+    key = (tuple(prompts), negative)
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
 # the UNet's attention projections (self- and cross-attention), as the diffusers LoRA training scripts use
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 

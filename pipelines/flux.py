@@ -25,7 +25,8 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import DenoiserTraining, load_denoiser_trained, PolicyStore, save_denoiser_trained, apply_gpu_options
+from ._shared import (apply_gpu_options, cached_cond, DenoiserTraining, load_denoiser_trained, PolicyStore,
+                      save_denoiser_trained)
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections of the double-stream blocks (image and text streams) and the single-stream blocks
@@ -112,17 +113,14 @@ class FluxAdapter(DenoiserTraining):
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: str | None = "") -> Cond:
         prompts = list(prompts)
-        key = (tuple(prompts), negative)
-        if self._text_cache is not None and key in self._text_cache:
-            return self._text_cache[key]
+        return cached_cond(self._text_cache, prompts, negative, lambda: self._encode_cond(prompts, negative))
+
+    def _encode_cond(self, prompts: list[str], negative: str | None) -> Cond:
         pe, pooled = self._encode(prompts)
         npe = npp = None
         if negative is not None and not self.guidance_embeds:  # dev: guidance is embedded, no negative branch
             npe, npp = self._encode([negative] * len(prompts))
-        cond = Cond(pe, pooled, npe, npp)
-        if self._text_cache is not None:
-            self._text_cache[key] = cond
-        return cond
+        return Cond(pe, pooled, npe, npp)
 
     def init_noise(self, n: int, generator=None, height=None, width=None) -> torch.Tensor:
         """x_T as the stock pipeline draws it (randn of the unpacked latent shape, then packed there)."""

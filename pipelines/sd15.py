@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 
 
-from ._shared import (apply_gpu_options, DDPMFlowSteps, DenoiserTraining, load_denoiser_trained, save_denoiser_trained,
-                      UNET_LORA_TARGETS, vp_scale)
+from ._shared import (apply_gpu_options, cached_cond, DDPMFlowSteps, DenoiserTraining, load_denoiser_trained,
+                      save_denoiser_trained, UNET_LORA_TARGETS, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
 
@@ -62,17 +62,13 @@ class SD15Adapter(DDPMFlowSteps, DenoiserTraining):
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: str | None = "") -> Cond:
         prompts = list(prompts)
-        if self._text_cache is not None:
-            key = (tuple(prompts), negative)
-            if key in self._text_cache:
-                return self._text_cache[key]
+        return cached_cond(self._text_cache, prompts, negative, lambda: self._encode(prompts, negative))
+
+    def _encode(self, prompts: list[str], negative: str | None) -> Cond:
         cfg = negative is not None
         pe, npe = self.pipe.encode_prompt(prompts, self.device, 1, cfg,
                                           negative_prompt=[negative] * len(prompts) if cfg else None)
-        cond = Cond(pe, None, npe if cfg else None, None)
-        if self._text_cache is not None:
-            self._text_cache[key] = cond
-        return cond
+        return Cond(pe, None, npe if cfg else None, None)
 
     # init_noise / init_noise_std / schedule / predict_native: _shared.DDPMFlowSteps (this adapter's ``_call``
     # runs the UNet on one CFG branch or both)

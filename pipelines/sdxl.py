@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 
-from ._shared import (apply_gpu_options, DDPMFlowSteps, DenoiserTraining, load_denoiser_trained, save_denoiser_trained,
-                      UNET_LORA_TARGETS, vp_scale)
+from ._shared import (apply_gpu_options, cached_cond, DDPMFlowSteps, DenoiserTraining, load_denoiser_trained,
+                      save_denoiser_trained, UNET_LORA_TARGETS, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
 
@@ -58,19 +58,15 @@ class SDXLAdapter(DDPMFlowSteps, DenoiserTraining):
     @torch.no_grad()
     def encode(self, prompts: list[str], negative: str | None = "") -> Cond:
         prompts = list(prompts)
-        if self._text_cache is not None:
-            key = (tuple(prompts), negative)
-            if key in self._text_cache:
-                return self._text_cache[key]
+        return cached_cond(self._text_cache, prompts, negative, lambda: self._encode(prompts, negative))
+
+    def _encode(self, prompts: list[str], negative: str | None) -> Cond:
         cfg = negative is not None
         # "" is the pipeline's default unconditional branch (zeros with force_zeros_for_empty_prompt)
         neg = None if not cfg or negative == "" else [negative] * len(prompts)
         pe, npe, pp, npp = self.pipe.encode_prompt(prompts, device=self.device, num_images_per_prompt=1,
                                                    do_classifier_free_guidance=cfg, negative_prompt=neg)
-        cond = Cond(pe, pp, npe if cfg else None, npp if cfg else None)
-        if self._text_cache is not None:
-            self._text_cache[key] = cond
-        return cond
+        return Cond(pe, pp, npe if cfg else None, npp if cfg else None)
 
     # init_noise / init_noise_std / schedule / predict_native: _shared.DDPMFlowSteps (this adapter's ``_call``
     # runs the UNet on one CFG branch or both)
