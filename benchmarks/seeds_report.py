@@ -6,6 +6,9 @@ A gain counts when it clears about two standard errors (SE of a difference of tw
 sqrt(se_base^2 + se_trained^2)) in every seed; a task "falls" when it drops by more than its SE.
 
 usage: python benchmarks/seeds_report.py runs/main_s0 runs/main_s1 [--target 0.15] [--out report.md]
+       [--plot deltas.png]
+A run may be given as LABEL=DIR (the label names its row and its bar). ``--plot`` draws each run's headline gain
+with its 2-SE interval against zero and the target.
 """
 from __future__ import annotations
 
@@ -51,17 +54,49 @@ def row(name: str, res: dict, target: float) -> tuple[str, bool]:
     return line, ok
 
 
+def delta(res: dict) -> tuple[float, float]:
+    """The headline gain and its SE (of a difference of two independent scores)."""
+    b, t = res["base"]["test"], res["final"]["test"]
+    return t["overall"] - b["overall"], se_diff(b.get("se_overall") or 0.0, t.get("se_overall") or 0.0)
+
+
+def plot(named: list[tuple[str, dict]], target: float, path) -> None:
+    """A horizontal bar per run: the headline gain, its 2-SE interval, zero and the target as vertical lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = [delta(res) for _, res in named]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(named) + 1.4))
+    y = list(range(len(named)))[::-1]
+    ax.errorbar([d for d, _ in ds], y, xerr=[2 * se for _, se in ds], fmt="o", color="tab:blue", capsize=3,
+                label="gain ± 2 SE")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.axvline(target, color="tab:red", ls="--", lw=1, label=f"target +{target:.2f}")
+    ax.set_yticks(y, [n for n, _ in named])
+    ax.set_xlabel("headline gain over the base (held-out judge, strict verdict)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--target", type=float, default=0.15)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="PNG of every run's gain with its 2-SE interval")
     a = ap.parse_args(argv)
     lines = ["| run | best CFG base / trained | base | trained | Δ ± SE | > 2 SE | ≥ target | tasks falling > SE "
              "| unseen (base -> trained) | training judge (reward) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    oks = []
+    oks, named = [], []
     for r in a.runs:
-        line, ok = row(Path(r).name, load(r), a.target)
+        label, _, d = r.partition("=") if "=" in r else ("", "", r)
+        res = load(d)
+        named.append((label or Path(d).name, res))
+        line, ok = row(named[-1][0], res, a.target)
         lines.append(line)
         oks.append(ok)
     lines.append("")
@@ -70,6 +105,8 @@ def main(argv=None) -> str:
     text = "\n".join(lines)
     if a.out:
         Path(a.out).write_text(text + "\n")
+    if a.plot:
+        plot(named, a.target, a.plot)
     print(text)
     return text
 

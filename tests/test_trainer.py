@@ -469,6 +469,9 @@ def test_compare_and_seeds_reports_read_a_finished_run(tiny_sd3, tmp_path):
     d = res["final"]["test"]["overall"] - res["base"]["test"]["overall"]
     se = seeds_report.se_diff(res["base"]["test"]["se_overall"], res["final"]["test"]["se_overall"])
     assert f"{d:+.3f} ± {se:.3f}" in line and ok == (d > 2 * se and "| none |" in line)
+    assert seeds_report.delta(res) == (d, se)
+    text = seeds_report.main([f"my label={out}", "--plot", str(tmp_path / "deltas.png")])
+    assert text.splitlines()[2].startswith("| my label | ") and (tmp_path / "deltas.png").stat().st_size > 1000
 
 
 def test_base_from_reuses_the_base_evaluation_only_under_the_same_protocol(tiny_sd3, tmp_path):
