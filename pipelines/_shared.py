@@ -8,10 +8,12 @@
   s = sqrt(1-ab) / (sqrt(ab) + sqrt(1-ab)) (``samplers.alpha_bar_to_sigma``). So an SD1.5 / SDXL adapter hands out
   flow sigmas and flow velocities, and every flow kernel, the forward-process losses and ReNO's Euler preview run
   on it unchanged; DDIM (eta = 0) in these coordinates is exactly the Euler step of the flow ODE.
-- LoRA helpers: which target names a module has, a GPU-options helper;
+- LoRA helpers: which target names a module has (``UNET_LORA_TARGETS`` for the UNets), a GPU-options helper, the
+  memoised prompt encoding (``cached_cond``), the UNets' DDIM scheduler (``ddim_scheduler``);
 - ``DenoiserTraining``: LoRA / full fine-tuning and the named-policy methods over ``self.denoiser``, and
-  ``save_denoiser_trained`` / ``load_denoiser_trained`` (a run's ``final/`` or checkpoint, UNet or transformer);
-- ``DDPMFlowSteps``: the flow-view ``predict`` and ``step`` (and the epsilon / v conversions) of the UNet adapters.
+  ``save_trained`` / ``load_trained`` (a run's ``final/`` or checkpoint, UNet or transformer);
+- ``DDPMFlowSteps``: the UNet adapters' set-up, the flow-view ``predict`` and ``step`` (and the epsilon / v
+  conversions).
 """
 from __future__ import annotations
 
@@ -244,7 +246,9 @@ class DenoiserTraining:
     """What every adapter built on a ``PolicyStore`` does the same way with its denoiser (``self.denoiser``: the
     UNet or the transformer), as methods: LoRA or full fine-tuning, gradient checkpointing, and the named policies
     (``self._pol``). A helper class of this module, not an adapter: no adapter inherits from another. Each adapter
-    sets ``LORA_TARGETS`` (class attribute ``lora_targets``), ``self.lora_config`` and ``self._pol``."""
+    sets ``LORA_TARGETS`` (class attribute ``lora_targets``), ``trained_format`` (the diffusers pipeline class whose
+    LoRA format ``save_trained`` writes, the denoiser's attribute / folder name, its diffusers model class),
+    ``self.lora_config`` and ``self._pol``."""
 
     lora_targets: tuple = ()
 
@@ -307,6 +311,18 @@ class DenoiserTraining:
         from peft.utils import get_peft_model_state_dict
 
         return get_peft_model_state_dict(self.denoiser)
+
+    def save_trained(self, directory) -> None:
+        """LoRA weights in the diffusers format (the stock pipeline's ``load_lora_weights(directory)`` applies them,
+        with the rank / alpha metadata), or the full ``unet/`` / ``transformer/`` (``trained_format``)."""
+        pipeline, part, _ = self.trained_format
+        save_denoiser_trained(self, directory, pipeline, part)
+
+    def load_trained(self, directory) -> None:
+        """Apply what ``save_trained`` wrote (a run's ``final/``: LoRA weights, or the full denoiser), or a full
+        fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
+        _, part, model_class = self.trained_format
+        load_denoiser_trained(self, directory, part, model_class)
 
 
 def cached_cond(cache: dict | None, prompts: list[str], negative: str | None, make) -> Cond:

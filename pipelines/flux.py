@@ -25,8 +25,8 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import (apply_gpu_options, cached_cond, DenoiserTraining, load_denoiser_trained, PolicyStore,
-                      save_denoiser_trained)
+from ._shared import apply_gpu_options, cached_cond, DenoiserTraining, PolicyStore
+
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections of the double-stream blocks (image and text streams) and the single-stream blocks
@@ -35,6 +35,7 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", 
 
 class FluxAdapter(DenoiserTraining):
     family = "flux"
+    trained_format = ("FluxPipeline", "transformer", "FluxTransformer2DModel")
     lora_targets = LORA_TARGETS
     prediction_type = "flow"
     supports_cfg = True
@@ -212,13 +213,4 @@ class FluxAdapter(DenoiserTraining):
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
-    # add_lora / full_finetune / named policies: _shared.DenoiserTraining
-    def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``FluxPipeline.load_lora_weights(directory)``, with the rank / alpha
-        metadata), or the full ``transformer/``."""
-        save_denoiser_trained(self, directory, "FluxPipeline", "transformer")
-
-    def load_trained(self, directory) -> None:
-        """Apply what ``save_trained`` wrote (a run's ``final/``: LoRA weights, or a full ``transformer/``), or a full
-        fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
-        load_denoiser_trained(self, directory, "transformer", "FluxTransformer2DModel")
+    # add_lora / full_finetune / named policies / save_trained / load_trained: _shared.DenoiserTraining

@@ -24,13 +24,14 @@ from __future__ import annotations
 import torch
 
 
-from ._shared import (apply_gpu_options, cached_cond, DDPMFlowSteps, DenoiserTraining, load_denoiser_trained,
-                      save_denoiser_trained, UNET_LORA_TARGETS, vp_scale)
+from ._shared import (apply_gpu_options, cached_cond, DDPMFlowSteps, DenoiserTraining,
+                      UNET_LORA_TARGETS, vp_scale)
 from .base import Cond, ModelLoadError, check_model_path
 
 
 class SD15Adapter(DDPMFlowSteps, DenoiserTraining):
     family = "sd15"
+    trained_format = ("StableDiffusionPipeline", "unet", "UNet2DConditionModel")
     lora_targets = UNET_LORA_TARGETS
     supports_cfg = True
     kernels = ("ddim", "sde", "cps")
@@ -92,13 +93,4 @@ class SD15Adapter(DDPMFlowSteps, DenoiserTraining):
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
-    # add_lora / full_finetune / named policies: _shared.DenoiserTraining
-    def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``StableDiffusionPipeline.load_lora_weights(directory)``, with the
-        rank / alpha metadata), or the full ``unet/``."""
-        save_denoiser_trained(self, directory, "StableDiffusionPipeline", "unet")
-
-    def load_trained(self, directory) -> None:
-        """Apply what ``save_trained`` wrote (LoRA weights or a full ``unet/``), or a full fine-tuning run's
-        checkpoint directory."""
-        load_denoiser_trained(self, directory, "unet", "UNet2DConditionModel")
+    # add_lora / full_finetune / named policies / save_trained / load_trained: _shared.DenoiserTraining

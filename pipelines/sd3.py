@@ -12,7 +12,7 @@ import torch
 
 from flowalign import samplers
 
-from ._shared import DenoiserTraining, load_denoiser_trained, PolicyStore, save_denoiser_trained
+from ._shared import DenoiserTraining, PolicyStore
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections LoRA targets in SD3's joint transformer blocks (flow_grpo's choice)
@@ -24,6 +24,7 @@ class SD3Adapter(DenoiserTraining):
     prediction_type = "flow"
     supports_cfg = True
     kernels = ("sde", "cps")  # the stochastic steps ``step`` implements (the trainer refuses others)
+    trained_format = ("StableDiffusion3Pipeline", "transformer", "SD3Transformer2DModel")
     lora_targets = LORA_TARGETS
 
     def __init__(self, pipe, max_sequence_length: int | None = None, resolution: int | None = None):
@@ -153,13 +154,4 @@ class SD3Adapter(DenoiserTraining):
         return ((img.float() + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------------------------------ training
-    # add_lora / full_finetune / named policies / gradient checkpointing: _shared.DenoiserTraining
-    def save_trained(self, directory) -> None:
-        """LoRA weights in the diffusers format (``StableDiffusion3Pipeline.load_lora_weights(directory)``, with the
-        rank / alpha metadata), or the full ``transformer/``."""
-        save_denoiser_trained(self, directory, "StableDiffusion3Pipeline", "transformer")
-
-    def load_trained(self, directory) -> None:
-        """Apply what ``save_trained`` wrote (a run's ``final/``: LoRA weights, or a full ``transformer/``), or a full
-        fine-tuning run's checkpoint directory (``checkpoints/iter_N``)."""
-        load_denoiser_trained(self, directory, "transformer", "SD3Transformer2DModel")
+    # add_lora / full_finetune / named policies / save_trained / load_trained: _shared.DenoiserTraining
