@@ -26,7 +26,6 @@ import torch
 from flowalign import samplers
 
 from ._shared import apply_gpu_options, cached_cond, DenoiserTraining, PolicyStore
-
 from .base import Cond, ModelLoadError, check_model_path
 
 # attention projections of the double-stream blocks (image and text streams) and the single-stream blocks

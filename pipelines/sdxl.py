@@ -21,8 +21,7 @@ from __future__ import annotations
 import torch
 
 
-from ._shared import (apply_gpu_options, cached_cond, DDPMFlowSteps, DenoiserTraining,
-                      UNET_LORA_TARGETS, vp_scale)
+from ._shared import apply_gpu_options, cached_cond, DDPMFlowSteps, DenoiserTraining, UNET_LORA_TARGETS, vp_scale
 from .base import Cond, ModelLoadError, check_model_path
 
 
