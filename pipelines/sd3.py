@@ -76,6 +76,10 @@ class SD3Adapter(DenoiserTraining):
         f = self.pipe.vae_scale_factor
         if h % (f * self.transformer.config.patch_size) or w % (f * self.transformer.config.patch_size):
             raise ValueError(f"image size {h}x{w} must be a multiple of {f * self.transformer.config.patch_size}")
+        side = getattr(self.transformer.config, "pos_embed_max_size", None)  # the positional table's side, in patches
+        if side and max(h, w) // (f * self.transformer.config.patch_size) > side:
+            raise ValueError(f"image size {h}x{w} is larger than this transformer's positional embedding allows "
+                             f"(at most {side * f * self.transformer.config.patch_size} px a side)")
         return (self.transformer.config.in_channels, h // f, w // f)
 
     # ------------------------------------------------------------------------------------------ the step

@@ -420,6 +420,10 @@ def test_an_empty_trained_step_pool_and_a_bad_resolution_are_config_errors(tiny_
                                                             "batch_size": 8, "sde_steps": []}))
     with pytest.raises(ConfigError, match=r"model.resolution: image size 36x36 must be a multiple of 8"):
         Trainer(tiny_cfg(tiny_sd3, tmp_path / "b", model={"path": tiny_sd3, "resolution": 36}))
+    # 48 px is a multiple of 8, but 48 / 8 = 6 patches a side exceed the tiny transformer's 4x4 positional table
+    with pytest.raises(ConfigError, match=r"model.resolution: image size 48x48 is larger than this transformer's "
+                                          r"positional embedding allows \(at most 32 px a side\)"):
+        Trainer(tiny_cfg(tiny_sd3, tmp_path / "c", model={"path": tiny_sd3, "resolution": 48}))
 
 
 def test_model_resolution_is_the_size_the_run_samples_at(tiny_sd3, tmp_path):
