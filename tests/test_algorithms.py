@@ -42,6 +42,12 @@ def test_nft_loss_by_hand():
     # beta scales the implicit policies: beta = 0.5, v = 1, v_old = 0 -> v+ = 0.5, e+ = 0.75, L+ = 0.75, / beta
     loss, _ = nft_loss(one(1.0), one(0.0), xt, x0, t, torch.tensor([1.0]), beta=0.5)
     assert loss.item() == pytest.approx(0.75 / 0.5)
+    # without the adaptive weight (w = 1): L+ = e+^2 = 0.25, L- = e-^2 = 2.25; dL/dv = 2 e (-+t) = -0.5 / +1.5
+    for r, want, g in ((1.0, 0.25, -0.5), (0.0, 2.25, 1.5)):
+        v = one(1.0).requires_grad_()
+        loss, _ = nft_loss(v, one(0.0), xt, x0, t, torch.tensor([r]), beta=1.0, adaptive=False)
+        loss.backward()
+        assert loss.item() == pytest.approx(want) and v.grad.item() == pytest.approx(g)
 
 
 def test_nft_gradient_is_zero_at_the_old_policy_for_a_neutral_sample_and_signed_otherwise():

@@ -36,16 +36,20 @@ def optimality_weight(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-             r: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The DiffusionNFT loss, mean over the batch (see the module docstring)."""
+             r: torch.Tensor, beta: float, adaptive: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+    """The DiffusionNFT loss, mean over the batch (see the module docstring); ``adaptive=False`` sets w+ = w- = 1
+    (plain x0-MSE: the gradient then shrinks as the policy fits its samples, where e^2 / mean|e| keeps it O(1))."""
     t4 = t.view(-1, *([1] * (x0.ndim - 1))).to(x0)
     v_pos = beta * v + (1 - beta) * v_old
     v_neg = (1 + beta) * v_old - beta * v
     e_pos = x_t - t4 * v_pos - x0
     e_neg = x_t - t4 * v_neg - x0
     dims = tuple(range(1, x0.ndim))
-    w_pos = e_pos.abs().mean(dims).detach().clamp_min(1e-5)
-    w_neg = e_neg.abs().mean(dims).detach().clamp_min(1e-5)
+    if adaptive:
+        w_pos = e_pos.abs().mean(dims).detach().clamp_min(1e-5)
+        w_neg = e_neg.abs().mean(dims).detach().clamp_min(1e-5)
+    else:
+        w_pos = w_neg = torch.ones((), dtype=x0.dtype, device=x0.device)
     l_pos = e_pos.pow(2).mean(dims) / w_pos
     l_neg = e_neg.pow(2).mean(dims) / w_neg
     loss = (r * l_pos + (1 - r) * l_neg).mean() / beta
@@ -57,6 +61,7 @@ class NFTConfig:
     name: Literal["nft"] = "nft"
     beta: float = 1.0                   # implicit-policy strength (the paper's beta)
     adv_clip: float = 1.0               # A_max
+    adaptive_weight: bool = True        # w = mean|x0^ - x0| (the paper's); false: w = 1, plain x0-MSE
     global_std: bool = False            # advantages' std over the whole batch instead of the group
     kl_beta: float = 0.0                # velocity-MSE KL to the frozen reference
     t_draws: int = 2                    # noise levels per sample per iteration (one backward each)
@@ -71,6 +76,8 @@ class NFTConfig:
     def validate(self, err) -> None:
         if not self.beta > 0:
             err("algorithm.beta", f"must be > 0, got {self.beta}")
+        if not isinstance(self.adaptive_weight, bool):
+            err("algorithm.adaptive_weight", f"must be true or false, got {self.adaptive_weight!r}")
         if not self.adv_clip > 0:
             err("algorithm.adv_clip", f"must be > 0, got {self.adv_clip}")
         if self.kl_beta < 0:
@@ -104,7 +111,8 @@ class NFT(Algorithm):
     def loss(self, fwd, work: Work, k: int):
         c = self.cfg
         x0, t, _, x_t, v, v_old = velocity_draw(fwd, work, k)
-        loss, stats = nft_loss(v, v_old, x_t, x0, t, optimality_weight(work.adv, c.adv_clip), c.beta)
+        loss, stats = nft_loss(v, v_old, x_t, x0, t, optimality_weight(work.adv, c.adv_clip), c.beta,
+                               c.adaptive_weight)
         stats["policy_loss"] = loss.item()
         if c.kl_beta > 0:
             kl = velocity_kl(fwd, work, x_t, t, v, "reference")
