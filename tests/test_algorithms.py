@@ -48,6 +48,12 @@ def test_nft_loss_by_hand():
         loss, _ = nft_loss(v, one(0.0), xt, x0, t, torch.tensor([r]), beta=1.0, adaptive=False)
         loss.backward()
         assert loss.item() == pytest.approx(want) and v.grad.item() == pytest.approx(g)
+    # negatives off: weight 2r - 1 on L+ only: r = 1 -> L+ = 0.5 (grad -1), r = 0.75 -> 0.25 (grad -0.5), r <= 1/2 -> 0
+    for r, want, g in ((1.0, 0.5, -1.0), (0.75, 0.25, -0.5), (0.5, 0.0, 0.0), (0.0, 0.0, 0.0)):
+        v = one(1.0).requires_grad_()
+        loss, _ = nft_loss(v, one(0.0), xt, x0, t, torch.tensor([r]), beta=1.0, negatives=False)
+        loss.backward()
+        assert loss.item() == pytest.approx(want) and v.grad.item() == pytest.approx(g)
 
 
 def test_nft_gradient_is_zero_at_the_old_policy_for_a_neutral_sample_and_signed_otherwise():

@@ -36,9 +36,12 @@ def optimality_weight(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:
 
 
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
-             r: torch.Tensor, beta: float, adaptive: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+             r: torch.Tensor, beta: float, adaptive: bool = True, negatives: bool = True
+             ) -> tuple[torch.Tensor, dict[str, float]]:
     """The DiffusionNFT loss, mean over the batch (see the module docstring); ``adaptive=False`` sets w+ = w- = 1
-    (plain x0-MSE: the gradient then shrinks as the policy fits its samples, where e^2 / mean|e| keeps it O(1))."""
+    (plain x0-MSE: the gradient then shrinks as the policy fits its samples, where e^2 / mean|e| keeps it O(1)).
+    ``negatives=False`` drops the negative policy: only samples above their group's mean are fitted, with weight
+    2r - 1 = clip(A / A_max, 0, 1) on the positive term (reward-weighted regression on the better half, RAFT-like)."""
     t4 = t.view(-1, *([1] * (x0.ndim - 1))).to(x0)
     v_pos = beta * v + (1 - beta) * v_old
     v_neg = (1 + beta) * v_old - beta * v
@@ -52,7 +55,10 @@ def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.
         w_pos = w_neg = torch.ones((), dtype=x0.dtype, device=x0.device)
     l_pos = e_pos.pow(2).mean(dims) / w_pos
     l_neg = e_neg.pow(2).mean(dims) / w_neg
-    loss = (r * l_pos + (1 - r) * l_neg).mean() / beta
+    if negatives:
+        loss = (r * l_pos + (1 - r) * l_neg).mean() / beta
+    else:
+        loss = ((2 * r - 1).clamp_min(0) * l_pos).mean() / beta
     return loss, {"nft_pos": l_pos.mean().item(), "nft_neg": l_neg.mean().item()}
 
 
@@ -62,6 +68,7 @@ class NFTConfig:
     beta: float = 1.0                   # implicit-policy strength (the paper's beta)
     adv_clip: float = 1.0               # A_max
     adaptive_weight: bool = True        # w = mean|x0^ - x0| (the paper's); false: w = 1, plain x0-MSE
+    negatives: bool = True              # false: no negative policy, fit only the better half (weight 2r - 1)
     global_std: bool = False            # advantages' std over the whole batch instead of the group
     kl_beta: float = 0.0                # velocity-MSE KL to the frozen reference
     t_draws: int = 2                    # noise levels per sample per iteration (one backward each)
@@ -76,8 +83,9 @@ class NFTConfig:
     def validate(self, err) -> None:
         if not self.beta > 0:
             err("algorithm.beta", f"must be > 0, got {self.beta}")
-        if not isinstance(self.adaptive_weight, bool):
-            err("algorithm.adaptive_weight", f"must be true or false, got {self.adaptive_weight!r}")
+        for k in ("adaptive_weight", "negatives"):
+            if not isinstance(getattr(self, k), bool):
+                err(f"algorithm.{k}", f"must be true or false, got {getattr(self, k)!r}")
         if not self.adv_clip > 0:
             err("algorithm.adv_clip", f"must be > 0, got {self.adv_clip}")
         if self.kl_beta < 0:
@@ -112,7 +120,7 @@ class NFT(Algorithm):
         c = self.cfg
         x0, t, _, x_t, v, v_old = velocity_draw(fwd, work, k)
         loss, stats = nft_loss(v, v_old, x_t, x0, t, optimality_weight(work.adv, c.adv_clip), c.beta,
-                               c.adaptive_weight)
+                               c.adaptive_weight, c.negatives)
         stats["policy_loss"] = loss.item()
         if c.kl_beta > 0:
             kl = velocity_kl(fwd, work, x_t, t, v, "reference")
