@@ -6,7 +6,12 @@ the main job's evaluation protocol (20 ODE steps, CFG 3, n per task). It is an u
 same wall-clock budget: RL sees only a scalar reward of its own samples, this sees the answer. Prints one line per
 chunk and writes them to ``--out`` (JSON lines). The shipped base is not modified (the weights live in memory).
 
+With ``--save DIR`` each chunk's whole pipeline (transformer and text encoders: the recipe trains both) is saved as
+``DIR/steps_N``, a model folder that ``flowalign eval --model NAME=DIR/steps_N`` judges with the headline protocol
+(held-out strict verdict, the CFG grid, any noise seed).
+
 usage: python benchmarks/supervised_reference.py [--chunk 2000] [--chunks 4] [--n-per-task 100] [--out FILE]
+       [--save DIR]
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="runs/supervised_reference.jsonl")
+    ap.add_argument("--save", default=None, help="save each chunk's pipeline as DIR/steps_N")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pathlib import Path
@@ -46,6 +52,8 @@ def main(argv=None) -> list[dict]:
     print(f"base: overall {base['overall']:.3f}", flush=True)
     for c in range(a.chunks):
         train_flow(Recipe(seed=100 + c, steps=a.chunk), ad.pipe, lambda rec: None)
+        if a.save:
+            ad.pipe.save_pretrained(str(Path(a.save) / f"steps_{a.chunk * (c + 1)}"))
         res, _ = evaluate(ad, test, a.steps, a.guidance, 1000, 200)
         rows.append({"steps": a.chunk * (c + 1), "minutes": round((time.time() - t0) / 60, 2),
                      "overall": res["overall"], "per_task": res["per_task"]})

@@ -370,9 +370,16 @@ def test_supervised_reference_benchmark_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import supervised_reference
     rows = supervised_reference.main(["--chunk", "2", "--chunks", "1", "--n-per-task", "1", "--steps", "2",
-                                      "--threads", "1", "--out", str(tmp_path / "s.jsonl")])
+                                      "--threads", "1", "--out", str(tmp_path / "s.jsonl"), "--save", str(tmp_path / "m")])
     assert [r["steps"] for r in rows] == [0, 2] and len((tmp_path / "s.jsonl").read_text().splitlines()) == 2
     assert all(0 <= r["overall"] <= 1 and len(r["per_task"]) == 6 for r in rows)
+    # the saved chunk is a model folder the evaluation loads; two steps at the recipe's lr moved the weights
+    from flowalign.pipelines.base import load_adapter
+    from flowalign.shapeworld import MODEL_DIR
+    saved, base = load_adapter(str(tmp_path / "m" / "steps_2")), load_adapter(str(MODEL_DIR))
+    for part in ("transformer", "text_encoder"):
+        a, b = getattr(saved.pipe, part).state_dict(), getattr(base.pipe, part).state_dict()
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_pairwise_reward_is_finished_on_whole_groups_keyed_by_group_id(tiny_sd3, tmp_path):
