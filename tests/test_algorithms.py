@@ -9,7 +9,7 @@ from flowalign.algorithms import ALGORITHMS
 from flowalign.algorithms.awm import matching_loss
 from flowalign.algorithms.forward import noised, sample_times
 from flowalign.algorithms.grpo import clipped_policy_loss
-from flowalign.algorithms.nft import nft_loss, optimality_weight
+from flowalign.algorithms.nft import balance_groups, nft_loss, optimality_weight
 from flowalign.pipelines.sd3 import SD3Adapter
 from flowalign.trainer import Trainer
 
@@ -54,6 +54,24 @@ def test_nft_loss_by_hand():
         loss, _ = nft_loss(v, one(0.0), xt, x0, t, torch.tensor([r]), beta=1.0, negatives=False)
         loss.backward()
         assert loss.item() == pytest.approx(want) and v.grad.item() == pytest.approx(g)
+
+
+def test_nft_balance_by_hand():
+    from flowalign.algorithms.grpo import group_advantages
+
+    # group 0: binary rewards 1, 0, 0, 0: mean 1/4, std sqrt(3)/4 -> A = +sqrt(3), three -1/sqrt(3); clipped at 1:
+    # +1 and three -0.577, sum 1 - sqrt(3) = -0.732; the negatives are scaled by 1 / sqrt(3) -> -1/3 each.
+    # group 1: 1, 1, 1, 0 (the mirror image): +1/3 three times and -1. group 2: 1, 0 (balanced): left as +-1.
+    rewards = torch.tensor([1.0, 0, 0, 0, 1, 1, 1, 0, 1, 0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    adv = group_advantages(rewards, groups, eps=0.0, adv_clip=1.0)
+    out, gsum = balance_groups(adv, groups)
+    s3 = 3 ** 0.5
+    assert out.tolist() == pytest.approx([1, -1 / 3, -1 / 3, -1 / 3, 1 / 3, 1 / 3, 1 / 3, -1, 1, -1])
+    assert gsum.tolist() == pytest.approx([1 - s3] * 4 + [s3 - 1] * 4 + [0, 0])
+    # an all-equal group (no signal) stays zero
+    out, gsum = balance_groups(torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    assert out.tolist() == [0, 0, 0] and gsum.tolist() == [0, 0, 0]
 
 
 def test_nft_gradient_is_zero_at_the_old_policy_for_a_neutral_sample_and_signed_otherwise():

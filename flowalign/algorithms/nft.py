@@ -35,6 +35,23 @@ def optimality_weight(adv: torch.Tensor, adv_clip: float) -> torch.Tensor:
     return (adv.clamp(-adv_clip, adv_clip) / adv_clip / 2 + 0.5).clamp(0, 1)
 
 
+def balance_groups(adv: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale down the larger side of each group's clipped advantages so that they sum to zero, and return them with
+    each sample's group sum before balancing. Clipping at A_max is asymmetric when a group is lopsided (one success
+    in 8 binary rewards: A = +2.65 clipped to +1, seven A = -0.38, sum -1.65), and NFT's loss is then a net push away
+    from (or pull towards) the samples themselves: at v_theta = v_old its gradient is sum (2r - 1) x grad l+, which
+    only a zero sum cancels."""
+    out, gsum = adv.clone(), torch.zeros_like(adv)
+    for g in torch.unique(groups):
+        m = groups == g
+        a = adv[m]
+        pos, neg = a.clamp_min(0).sum(), (-a).clamp_min(0).sum()
+        gsum[m] = pos - neg
+        if pos > 0 and neg > 0:
+            out[m] = torch.where(a > 0, a * torch.clamp(neg / pos, max=1.0), a * torch.clamp(pos / neg, max=1.0))
+    return out, gsum
+
+
 def nft_loss(v: torch.Tensor, v_old: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
              r: torch.Tensor, beta: float, adaptive: bool = True, negatives: bool = True
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -69,6 +86,7 @@ class NFTConfig:
     adv_clip: float = 1.0               # A_max
     adaptive_weight: bool = True        # w = mean|x0^ - x0| (the paper's); false: w = 1, plain x0-MSE
     negatives: bool = True              # false: no negative policy, fit only the better half (weight 2r - 1)
+    balance: bool = False               # scale each group's clipped advantages to sum to zero (see balance_groups)
     global_std: bool = False            # advantages' std over the whole batch instead of the group
     kl_beta: float = 0.0                # velocity-MSE KL to the frozen reference
     t_draws: int = 2                    # noise levels per sample per iteration (one backward each)
@@ -83,7 +101,7 @@ class NFTConfig:
     def validate(self, err) -> None:
         if not self.beta > 0:
             err("algorithm.beta", f"must be > 0, got {self.beta}")
-        for k in ("adaptive_weight", "negatives"):
+        for k in ("adaptive_weight", "negatives", "balance"):
             if not isinstance(getattr(self, k), bool):
                 err(f"algorithm.{k}", f"must be true or false, got {getattr(self, k)!r}")
         if not self.adv_clip > 0:
@@ -106,6 +124,13 @@ class NFT(Algorithm):
 
     def rollout_spec(self) -> RolloutSpec:
         return RolloutSpec(stochastic=self.stochastic, policy="old" if self.cfg.rollout_policy == "old" else "current")
+
+    def advantages_and_stats(self, rewards, groups, keys=None):
+        adv = self.advantages(rewards, groups)
+        balanced, gsum = balance_groups(adv, groups)
+        # the clipped advantages' group sums: far from 0 the loss pulls to / pushes from the samples themselves
+        stats = {"adv_group_sum": gsum.mean().item(), "adv_group_sum_abs": gsum.abs().mean().item()}
+        return (balanced if self.cfg.balance else adv), stats
 
     def plan(self, traj, adv, it, gen) -> Work:
         c = self.cfg
