@@ -87,6 +87,11 @@ def test_algorithm_section_builds_its_own_config():
     a, b = load_config({"algorithm": {"name": "nft"}}), load_config({"algorithm": {"name": "nft", "beta": 0.5}})
     assert a.hash() != b.hash() and a.to_dict()["algorithm"]["name"] == "nft"
     assert load_config({}, ["algorithm.name=nft", "algorithm.kl_beta=0.1"]).algorithm.kl_beta == 0.1
+    on = load_config({}, ["algorithm.name=nft", "algorithm.balance=true", "algorithm.negatives=false"]).algorithm
+    assert on.balance is True and on.negatives is False and on.adaptive_weight is True
+    for key in ("balance", "negatives", "adaptive_weight"):
+        with pytest.raises(ConfigError, match=rf"algorithm.{key}: expected true/false, got 'maybe'"):
+            load_config({}, ["algorithm.name=nft", f"algorithm.{key}=maybe"])
 
 
 def test_overrides():

@@ -101,9 +101,6 @@ class NFTConfig:
     def validate(self, err) -> None:
         if not self.beta > 0:
             err("algorithm.beta", f"must be > 0, got {self.beta}")
-        for k in ("adaptive_weight", "negatives", "balance"):
-            if not isinstance(getattr(self, k), bool):
-                err(f"algorithm.{k}", f"must be true or false, got {getattr(self, k)!r}")
         if not self.adv_clip > 0:
             err("algorithm.adv_clip", f"must be > 0, got {self.adv_clip}")
         if self.kl_beta < 0:
