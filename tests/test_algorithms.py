@@ -72,6 +72,19 @@ def test_nft_balance_by_hand():
     # an all-equal group (no signal) stays zero
     out, gsum = balance_groups(torch.zeros(3), torch.zeros(3, dtype=torch.long))
     assert out.tolist() == [0, 0, 0] and gsum.tolist() == [0, 0, 0]
+    # what the trainer gets from the algorithm: the balanced advantages only with algorithm.balance on, and the
+    # group sums before balancing logged either way (mean over samples: (4 (1 - s3) + 4 (s3 - 1) + 0) / 10 = 0)
+    from flowalign.algorithms.base import Context
+
+    ctx = Context(sample=None, sigmas=torch.linspace(1, 0, 3), sde_mask=torch.zeros(2, dtype=torch.bool), world=1,
+                  seed=0)
+    for balance, want in ((False, adv), (True, out_on := balance_groups(adv, groups)[0])):
+        nft = ALGORITHMS["nft"](ALGORITHMS["nft"].Config(balance=balance), ctx)
+        got, stats = nft.advantages_and_stats(rewards, groups)
+        assert torch.allclose(got, want, atol=1e-3)  # the trainer's advantages use eps = 1e-4 in the std
+        assert stats["adv_group_sum"] == pytest.approx(0.0, abs=1e-6)
+        assert stats["adv_group_sum_abs"] == pytest.approx(0.8 * (s3 - 1), abs=1e-3)
+    assert not torch.allclose(adv, out_on)
 
 
 def test_nft_gradient_is_zero_at_the_old_policy_for_a_neutral_sample_and_signed_otherwise():
