@@ -49,6 +49,9 @@ class SampleCfg:
     sde_steps: Union[str, list] = "all_but_last"  # 'all', 'all_but_last', 'first:K' or a list of step indices
     prompts_per_iter: int = 16                     # distinct prompts per iteration (all processes together)
     group_size: int = 8                            # images per prompt
+    task_group_sizes: Union[dict, None] = None     # {tag: images per prompt} for that task's groups (others:
+                                                   # group_size); an iteration still holds prompts_per_iter x
+                                                   # group_size images: prompts are drawn until those are filled
     batch_size: int = 64                           # rollout chunk per process
     shared_noise: bool = False                     # one x_T per prompt group (DanceGRPO): outcome differences
                                                    # then come only from the SDE steps, the actions trained on
@@ -303,6 +306,14 @@ def validate(cfg: Config) -> Config:
         if not tw or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in tw.values()) \
                 or not any(v > 0 for v in tw.values()):
             raise ConfigError(f"data.task_weights: expected {{tag: weight >= 0}} with a positive weight, got {tw!r}")
+    tg = s.task_group_sizes
+    if tg is not None:
+        if not isinstance(tg, dict) or not tg or any(isinstance(v, bool) or not isinstance(v, int) or v < 2
+                                                     for v in tg.values()):
+            raise ConfigError(f"sample.task_group_sizes: expected {{tag: images per prompt >= 2}}, got {tg!r}")
+        if s.antithetic and any(v % 2 for v in tg.values()):
+            raise ConfigError(f"sample.task_group_sizes: sample.antithetic pairs members, so every size must be even, "
+                              f"got {tg!r}")
     if not isinstance(cfg.rewards, dict) or not cfg.rewards:
         raise ConfigError("rewards: give at least one reward, e.g. {shapeworld: 1.0}")
     return cfg

@@ -93,6 +93,10 @@ class Trainer:
         if tw and set(tw) - set(self.by_task):
             raise ConfigError(f"data.task_weights: no training prompts with tag(s) {sorted(set(tw) - set(self.by_task))}"
                               f"; the training set has {sorted(self.by_task)}")
+        tg = cfg.sample.task_group_sizes
+        if tg and set(tg) - set(self.by_task):
+            raise ConfigError(f"sample.task_group_sizes: no training prompts with tag(s) "
+                              f"{sorted(set(tg) - set(self.by_task))}; the training set has {sorted(self.by_task)}")
         self.eval_sets = {"test": subsample(load_metadata(resolve_prompts(cfg.data.eval)), cfg.eval.n_per_task)}
         if cfg.data.eval_unseen:
             self.eval_sets["unseen"] = subsample(load_metadata(resolve_prompts(cfg.data.eval_unseen)), cfg.eval.n_per_task)
@@ -139,8 +143,20 @@ class Trainer:
         def task() -> str:
             return rng.choices(tasks, [float(tw.get(t, 0.0)) for t in tasks])[0] if tw else rng.choice(tasks)
 
-        chosen = [rng.choice(by_task[task()]) for _ in range(self.cfg.sample.prompts_per_iter)]
-        ids = [(g, pid, m) for g, pid in enumerate(chosen) for m in range(self.cfg.sample.group_size)]
+        s = self.cfg.sample
+        if not s.task_group_sizes:
+            chosen = [(rng.choice(by_task[task()]), s.group_size) for _ in range(s.prompts_per_iter)]
+        else:  # per-task group sizes: draw prompts until the iteration's images are filled
+            chosen, left = [], s.prompts_per_iter * s.group_size
+            while left:
+                t = task()
+                n = min(int(s.task_group_sizes.get(t, s.group_size)), left)
+                if left - n == 1:  # never leave one image over: a group needs two
+                    n += 1
+                chosen.append((rng.choice(by_task[t]), n))
+                left -= n
+        self.n_groups = len(chosen)
+        ids = [(g, pid, m) for g, (pid, n) in enumerate(chosen) for m in range(n)]
         rng.shuffle(ids)
         lo = self.acc.process_index * self.d.samples_per_process
         mine = ids[lo: lo + self.d.samples_per_process]
@@ -172,7 +188,7 @@ class Trainer:
         if s.branching:  # one stochastic step per group, the same draw on every process
             rng = seeding.rng(seed, "branch", it)
             pool = self.spec.branch_steps or self.mask.nonzero().view(-1).tolist()
-            at = [rng.choice(pool) for _ in range(s.prompts_per_iter)]
+            at = [rng.choice(pool) for _ in range(self.n_groups)]
             mask = torch.zeros(len(metas), s.num_steps, dtype=torch.bool)
             mask[torch.arange(len(metas)), torch.tensor([at[g] for g in groups], dtype=torch.long)] = True
 

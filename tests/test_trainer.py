@@ -275,6 +275,45 @@ def test_task_weights_choose_which_tasks_are_trained(tiny_sd3, tmp_path):
         tiny_cfg(tiny_sd3, tmp_path / "run3", data={"task_weights": {"position": -1}})
 
 
+def test_task_group_sizes_fill_the_iteration_with_groups_of_each_tasks_size(tiny_sd3, tmp_path):
+    sample = {"num_steps": 4, "prompts_per_iter": 6, "group_size": 4, "batch_size": 24}
+    plain = Trainer(tiny_cfg(tiny_sd3, tmp_path / "plain", sample=sample))
+    tags = sorted(plain.by_task)
+    # every task at the common size draws exactly what the plain sampler draws (same stream, same order)
+    same = Trainer(tiny_cfg(tiny_sd3, tmp_path / "same", sample=dict(sample, task_group_sizes={t: 4 for t in tags})))
+    for it in range(5):
+        a, b = plain.prompts_for(it), same.prompts_for(it)
+        assert a[0] == b[0] and a[2] == b[2] and [m["prompt"] for m in a[1]] == [m["prompt"] for m in b[1]]
+    sizes = {"position": 7, "color_attr": 7, "single_object": 2}
+    t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", sample=dict(sample, task_group_sizes=sizes)))
+    seen = set()
+    for it in range(20):
+        groups, metas, members = t.prompts_for(it)
+        assert len(groups) == 24  # prompts_per_iter x group_size images, whatever the mix
+        by_g = {}
+        for g, m, k in zip(groups, metas, members):
+            by_g.setdefault(g, []).append((m["prompt"], m["tag"], k))
+        order = sorted(by_g)
+        assert order == list(range(t.n_groups))
+        for g in order:
+            rows = by_g[g]
+            assert len({p for p, _, _ in rows}) == 1 and sorted(k for _, _, k in rows) == list(range(len(rows)))
+            want = sizes.get(rows[0][1], 4)
+            if g == order[-1]:  # the last group takes what is left (one more rather than leave a single image)
+                assert 2 <= len(rows) <= want + 1
+            else:
+                assert len(rows) == want, (rows[0][1], len(rows))
+            seen.add((rows[0][1], len(rows)))
+    assert ("position", 7) in seen and ("single_object", 2) in seen and ("counting", 4) in seen
+    with pytest.raises(ConfigError, match="sample.task_group_sizes: expected"):
+        tiny_cfg(tiny_sd3, tmp_path / "bad", sample=dict(sample, task_group_sizes={"position": 1}))
+    with pytest.raises(ConfigError, match="every size must be even"):
+        tiny_cfg(tiny_sd3, tmp_path / "bad2", sample=dict(sample, shared_noise=True, antithetic=True,
+                                                          task_group_sizes={"position": 5}))
+    with pytest.raises(ConfigError, match="sample.task_group_sizes: no training prompts with tag.*'poem'"):
+        Trainer(tiny_cfg(tiny_sd3, tmp_path / "bad3", sample=dict(sample, task_group_sizes={"poem": 4})))
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_shared_noise_gives_one_start_per_group(tiny_sd3, tmp_path, shared):
     t = Trainer(tiny_cfg(tiny_sd3, tmp_path / "run", train={"batch_size": 4, "updates_per_iter": 1},
