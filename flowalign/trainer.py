@@ -89,14 +89,11 @@ class Trainer:
         self.by_task: dict[str, list[int]] = {}
         for j, m in enumerate(self.train_meta):
             self.by_task.setdefault(m.get("tag", "prompt"), []).append(j)
-        tw = cfg.data.task_weights
-        if tw and set(tw) - set(self.by_task):
-            raise ConfigError(f"data.task_weights: no training prompts with tag(s) {sorted(set(tw) - set(self.by_task))}"
-                              f"; the training set has {sorted(self.by_task)}")
-        tg = cfg.sample.task_group_sizes
-        if tg and set(tg) - set(self.by_task):
-            raise ConfigError(f"sample.task_group_sizes: no training prompts with tag(s) "
-                              f"{sorted(set(tg) - set(self.by_task))}; the training set has {sorted(self.by_task)}")
+        for key, per_task in (("data.task_weights", cfg.data.task_weights),
+                              ("sample.task_group_sizes", cfg.sample.task_group_sizes)):
+            if per_task and set(per_task) - set(self.by_task):
+                raise ConfigError(f"{key}: no training prompts with tag(s) {sorted(set(per_task) - set(self.by_task))}"
+                                  f"; the training set has {sorted(self.by_task)}")
         self.eval_sets = {"test": subsample(load_metadata(resolve_prompts(cfg.data.eval)), cfg.eval.n_per_task)}
         if cfg.data.eval_unseen:
             self.eval_sets["unseen"] = subsample(load_metadata(resolve_prompts(cfg.data.eval_unseen)), cfg.eval.n_per_task)
