@@ -140,18 +140,18 @@ class Trainer:
         def task() -> str:
             return rng.choices(tasks, [float(tw.get(t, 0.0)) for t in tasks])[0] if tw else rng.choice(tasks)
 
+        # draw prompts until the iteration's images are filled: prompts_per_iter groups of group_size, unless
+        # sample.task_group_sizes gives a task its own size
         s = self.cfg.sample
-        if not s.task_group_sizes:
-            chosen = [(rng.choice(by_task[task()]), s.group_size) for _ in range(s.prompts_per_iter)]
-        else:  # per-task group sizes: draw prompts until the iteration's images are filled
-            chosen, left = [], s.prompts_per_iter * s.group_size
-            while left:
-                t = task()
-                n = min(int(s.task_group_sizes.get(t, s.group_size)), left)
-                if left - n == 1:  # never leave one image over: a group needs two
-                    n += 1
-                chosen.append((rng.choice(by_task[t]), n))
-                left -= n
+        sizes = s.task_group_sizes or {}
+        chosen, left = [], s.prompts_per_iter * s.group_size
+        while left:
+            t = task()
+            n = min(sizes.get(t, s.group_size), left)
+            if left - n == 1:  # never leave one image over: a group needs two
+                n += 1
+            chosen.append((rng.choice(by_task[t]), n))
+            left -= n
         self.n_groups = len(chosen)
         ids = [(g, pid, m) for g, (pid, n) in enumerate(chosen) for m in range(n)]
         rng.shuffle(ids)
